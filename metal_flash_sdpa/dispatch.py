@@ -1,0 +1,37 @@
+"""The function installed as torch.nn.functional.scaled_dot_product_attention.
+
+A plain Python function (not a wrapt proxy) so that TorchDynamo inlines it: a proxy that
+compares equal to the builtin can be taken for the builtin and silently bypassed.
+"""
+
+import torch
+
+from . import counters, ops, rules
+
+# The object found on torch.nn.functional when the patch was applied; set by patch.enable().
+original = None
+
+_is_compiling = torch.compiler.is_compiling
+_evaluate = rules.evaluate
+
+
+def scaled_dot_product_attention(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False
+):
+    reason, kernel, needs_grad = _evaluate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if reason is None:
+        return ops.attention(kernel, query, key, value, attn_mask, is_causal, scale, needs_grad)
+    if not _is_compiling():
+        counters.count_fallback(reason)
+    # The user's call, passing defaults only where needed: each extra argument costs the
+    # builtin's parser time, and torch 2.4 has no enable_gqa keyword.
+    if enable_gqa is not False:
+        return original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+    if scale is not None:
+        return original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale)
+    if attn_mask is None and is_causal is False and type(dropout_p) is float and dropout_p == 0.0:
+        return original(query, key, value)
+    return original(query, key, value, attn_mask, dropout_p, is_causal)
+
+
+scaled_dot_product_attention.__doc__ = torch.nn.functional.scaled_dot_product_attention.__doc__

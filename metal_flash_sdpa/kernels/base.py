@@ -1,0 +1,105 @@
+"""The kernel contract (DESIGN section 6): what every kernel declares and implements.
+
+A kernel states its limits as data; ``supports()`` turns them into a reason string, so the
+dispatcher, ``explain()`` and the docs all read the same facts. Nothing here touches a
+device: ``supports()`` must be pure Python and cheap, because it runs on every call.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+
+class Call(NamedTuple):
+    """A valid SDPA call, reduced to what a kernel needs to decide whether it can serve it.
+
+    Shapes are the flattened 4-D view the op layer hands the kernel:
+    q ``[batch, q_heads, q_len, head_dim]``, k ``[batch, kv_heads, kv_len, head_dim]``,
+    v ``[batch, kv_heads, kv_len, value_dim]``.
+    """
+
+    dtype: torch.dtype
+    batch: int
+    q_heads: int
+    kv_heads: int
+    q_len: int
+    kv_len: int
+    head_dim: int
+    value_dim: int
+    causal: bool  # PyTorch's is_causal: top-left aligned
+    mask: Optional[str]  # None, "bool" or "additive" (as the user passed it)
+    mask_per_head: bool  # the mask differs between heads (its head dim is not 1)
+    needs_grad: bool  # autograd will ask this kernel for a backward
+
+
+class Kernel:
+    """Base class: subclasses set the capability attributes and implement the three methods."""
+
+    name = "kernel"
+    # Memory order the kernel reads and writes, outermost first. The op layer makes
+    # q/k/v/grad_out contiguous in this order (a no-op when they already are) and passes
+    # them as logical [B, H, S, D] views; outputs come back as logical [B, H, S, D] too.
+    layout = "BHSD"  # or "BSHD"
+    dtypes: frozenset = frozenset()
+    max_head_dim = 0
+    head_dim_multiple = 1  # head dims must be a multiple of this
+    supports_value_dim_differs = False
+    supports_gqa = False
+    # Causal (PyTorch top-left alignment): "any" length, "square" only when q_len == kv_len
+    # (where top-left and bottom-right agree), or None.
+    causal_forward: Optional[str] = None
+    causal_backward: Optional[str] = None
+    mask_forward = False
+    mask_backward = False
+    mask_per_head = False  # False: masks must broadcast over heads
+    # Per-dtype tolerances this kernel promises against PyTorch's math SDPA: (atol, rtol).
+    tolerances: dict = {}
+
+    def available(self) -> Optional[str]:
+        """None when the kernel can run on this machine, else why not."""
+        return None
+
+    def supports(self, call: Call) -> Optional[str]:
+        """None when this kernel serves ``call``, else the first reason it does not."""
+        if call.dtype not in self.dtypes:
+            return f"dtype {str(call.dtype).replace('torch.', '')} not supported by {self.name}"
+        for dim in (call.head_dim, call.value_dim):
+            if dim > self.max_head_dim or dim % self.head_dim_multiple:
+                return f"head dim {dim} not supported by {self.name}"
+        if call.value_dim != call.head_dim and not self.supports_value_dim_differs:
+            return f"value head dim != query head dim not supported by {self.name}"
+        if call.q_heads != call.kv_heads and not self.supports_gqa:
+            return f"grouped-query attention not supported by {self.name}"
+        if call.causal:
+            reason = self._check_causal(call, self.causal_backward if call.needs_grad else self.causal_forward)
+            if reason:
+                return reason + (" with grad" if call.needs_grad else "")
+        if call.mask is not None:
+            if not (self.mask_backward if call.needs_grad else self.mask_forward):
+                return f"attn_mask not supported by {self.name}" + (" with grad" if call.needs_grad else "")
+            if call.mask_per_head and not self.mask_per_head:
+                return f"per-head attn_mask not supported by {self.name}"
+        return None
+
+    def _check_causal(self, call: Call, alignment: Optional[str]) -> Optional[str]:
+        if alignment == "any":
+            return None
+        if alignment == "square" and call.q_len == call.kv_len:
+            return None
+        if alignment == "square":
+            return f"is_causal with q_len != kv_len not supported by {self.name}"
+        return f"is_causal not supported by {self.name}"
+
+    def forward(self, q, k, v, scale: float, causal: bool, mask):
+        """-> (out [B, Hq, Sq, Dv] in q's dtype, lse: this kernel's own per-row statistic).
+
+        ``mask`` is None or an additive mask in q's dtype, 4-D ``[Bm, Hm, Sq, Sk]`` with
+        ``Bm`` in (1, B) and ``Hm`` in (1, Hq) (a bool mask was converted by the op layer).
+        """
+        raise NotImplementedError
+
+    def backward(self, grad_out, q, k, v, out, lse, scale: float, causal: bool, mask):
+        """-> (dq, dk, dv) with the shapes of q, k, v; GQA grads summed per key head."""
+        raise NotImplementedError

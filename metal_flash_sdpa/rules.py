@@ -1,0 +1,176 @@
+"""The dispatch rules (DESIGN section 5), in the one order they are checked.
+
+A call goes to a kernel only when every rule passes; the first that fails names the
+reason, which is counted, and the call runs PyTorch's original SDPA untouched. Anything
+invalid fails a rule, so PyTorch raises its own error. The dispatcher, ``explain()`` and
+the fallback counters all run ``evaluate``, so they cannot disagree.
+
+The order puts the cheap rules that reject most calls first (scoped disable, no kernel for
+the device, short sequences): the fallback path has a budget of under 1 us. No rule may
+synchronise the device: they read shapes, dtypes, devices and flags, never tensor values.
+"""
+
+import math
+import sys
+from contextvars import ContextVar
+from typing import Optional
+
+import torch
+
+from . import kernels
+from .kernels.base import Call
+
+# Set by metal_flash_sdpa.disabled(); per thread and per asyncio task.
+scoped_off = ContextVar("metal_flash_sdpa_disabled", default=False)
+
+_Tensor = torch.Tensor
+_NUMBERS = (float, int)
+_has_torch_function = torch.overrides.has_torch_function_variadic
+_is_compiling = torch.compiler.is_compiling
+_is_grad_enabled = torch.is_grad_enabled
+_is_any_autocast_enabled = torch._C._is_any_autocast_enabled
+_functorch_transform = torch._C._functorch.peek_interpreter_stack
+_package = sys.modules[__package__]
+
+DISABLED = "inside metal_flash_sdpa.disabled()"
+NOT_TENSORS = "query, key, value or attn_mask is not a tensor"
+TORCH_FUNCTION = "tensor subclass with __torch_function__"
+SHORT = "query length < MIN_SEQ_LEN"
+FEW_DIMS = "query has fewer than 3 dims"
+NESTED = "nested tensors"
+AUTOCAST = "autocast is enabled"
+FUNCTORCH = "inside a torch.func transform"
+DEVICES = "tensors on different devices"
+DTYPES = "query, key and value have different dtypes"
+ARGUMENT_TYPES = "dropout_p, is_causal, scale or enable_gqa of the wrong type"
+DROPOUT = "dropout_p != 0"
+CAUSAL_WITH_MASK = "is_causal with attn_mask"
+BATCH_DIMS = "batch dims differ between query, key and value"
+EMPTY = "empty tensors"
+
+
+_kernel_or_reason = kernels.by_device
+
+
+def evaluate(q, k, v, mask, dropout_p, causal, scale, gqa):
+    """-> (None, kernel, needs_grad) when the call can go to ``kernel``, else (reason, None, False)."""
+    # ContextVar.get breaks a torch.compile graph; compiled code follows enable()/disable().
+    compiling = _is_compiling()
+    if not compiling and scoped_off.get():
+        return DISABLED, None, False
+    if not (isinstance(q, _Tensor) and isinstance(k, _Tensor) and isinstance(v, _Tensor)) or (
+        mask is not None and not isinstance(mask, _Tensor)
+    ):
+        return NOT_TENSORS, None, False
+    # A subclass that overrides torch functions expects to see the SDPA call itself.
+    if _has_torch_function(q, k, v, mask):
+        return TORCH_FUNCTION, None, False
+    device = q.device
+    # The per-device cache is filled as calls come; a compiled graph must not guard on it.
+    kernel = None if compiling else _kernel_or_reason.get(device)
+    if kernel is None:
+        kernel = kernels.resolve(device, cache=not compiling)
+    if type(kernel) is str:
+        return kernel, None, False
+    if q.dim() < 3:
+        return FEW_DIMS, None, False
+    if q.shape[-2] < _package.MIN_SEQ_LEN:
+        return SHORT, None, False
+    if not compiling:
+        if _is_any_autocast_enabled():  # PyTorch would cast the inputs; the op would not
+            return AUTOCAST, None, False
+        if _functorch_transform() is not None:
+            return FUNCTORCH, None, False
+    if q.is_nested or k.is_nested or v.is_nested or (mask is not None and mask.is_nested):
+        return NESTED, None, False
+    if k.device != device or v.device != device or (mask is not None and mask.device != device):
+        return DEVICES, None, False
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        return DTYPES, None, False
+    if (
+        type(dropout_p) not in _NUMBERS
+        or (scale is not None and type(scale) not in _NUMBERS)
+        or type(causal) is not bool
+        or type(gqa) is not bool
+    ):
+        return ARGUMENT_TYPES, None, False
+    if dropout_p != 0:
+        return DROPOUT, None, False
+    qs, ks, vs = q.shape, k.shape, v.shape
+    reason = check_shapes(qs, ks, vs, gqa)
+    if reason is None and mask is not None:
+        reason = CAUSAL_WITH_MASK if causal else check_mask(mask, q.dtype, qs, ks)
+    if reason is None and (0 in qs or 0 in ks or 0 in vs):
+        reason = EMPTY
+    if reason is None:
+        grad = _is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        reason = kernel.supports(describe(qs, ks, vs, q.dtype, mask, causal, grad))
+        if reason is None:
+            return None, kernel, grad
+    return reason, None, False
+
+
+def check_shapes(q, k, v, gqa) -> Optional[str]:
+    rank = len(q)
+    if len(k) != rank or len(v) != rank:
+        return "query, key and value have different ranks"
+    if rank == 4:
+        if k[0] != q[0] or v[0] != q[0]:
+            return BATCH_DIMS
+    elif k[:-3] != q[:-3] or v[:-3] != q[:-3]:
+        return BATCH_DIMS
+    if q[-1] != k[-1]:
+        return "query and key head dims differ"
+    if k[-2] != v[-2]:
+        return "key and value lengths differ"
+    if k[-3] != v[-3]:
+        return "key and value head counts differ"
+    if q[-3] != k[-3]:
+        if not gqa:
+            return "query and key head counts differ without enable_gqa"
+        if k[-3] == 0 or q[-3] % k[-3]:
+            return "query heads not a multiple of key heads"
+    return None
+
+
+def check_mask(mask, dtype, q, k) -> Optional[str]:
+    """``q``, ``k``: shapes; the mask must broadcast to (..., L, S) as PyTorch's does."""
+    if mask.dtype != torch.bool and mask.dtype != dtype:
+        return "attn_mask dtype is neither bool nor the query dtype"
+    if mask.requires_grad and _is_grad_enabled():
+        return "attn_mask requires grad"
+    target = (*q[:-1], k[-2])
+    if mask.dim() > len(target):
+        return "attn_mask has more dims than query"
+    for have, want in zip(reversed(mask.shape), reversed(target)):
+        if have != want and have != 1:
+            return "attn_mask does not broadcast to (..., L, S)"
+    return None
+
+
+def describe(q, k, v, dtype, mask, causal, needs_grad) -> Call:
+    """The call as a kernel's ``supports()`` sees it (shapes ``q``, ``k``, ``v`` as 4-D,
+    leading dims flattened into the batch)."""
+    return Call(
+        dtype,
+        q[0] if len(q) == 4 else math.prod(q[:-3]),
+        q[-3],
+        k[-3],
+        q[-2],
+        k[-2],
+        q[-1],
+        v[-1],
+        causal,
+        None if mask is None else ("bool" if mask.dtype == torch.bool else "additive"),
+        mask is not None and mask.dim() >= 3 and mask.shape[-3] != 1,
+        needs_grad,
+    )
+
+
+def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """None if this SDPA call would go to a kernel, else the reason it would fall back."""
+    from . import patch
+
+    if not patch.is_enabled():
+        return "metal_flash_sdpa is not enabled"
+    return evaluate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)[0]
