@@ -13,6 +13,7 @@ original = None
 
 _is_compiling = torch.compiler.is_compiling
 _evaluate = rules.evaluate
+_AUTOCAST = rules.AUTOCAST
 
 
 def scaled_dot_product_attention(
@@ -21,6 +22,8 @@ def scaled_dot_product_attention(
     reason, kernel, needs_grad = _evaluate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if reason is None:
         return ops.attention(kernel, query, key, value, attn_mask, is_causal, scale, needs_grad)
+    if reason is _AUTOCAST:
+        return _under_autocast(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if not _is_compiling():
         counters.count_fallback(reason)
     # The user's call, passing defaults only where needed: each extra argument costs the
@@ -32,6 +35,15 @@ def scaled_dot_product_attention(
     if attn_mask is None and is_causal is False and type(dropout_p) is float and dropout_p == 0.0:
         return original(query, key, value)
     return original(query, key, value, attn_mask, dropout_p, is_causal)
+
+
+def _under_autocast(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    # What autocast does for PyTorch's SDPA: cast the inputs, then run with autocast off.
+    query, key, value, attn_mask = rules.autocast_inputs(query, key, value, attn_mask)
+    with torch.autocast(query.device.type, enabled=False):
+        return scaled_dot_product_attention(
+            query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
+        )
 
 
 scaled_dot_product_attention.__doc__ = torch.nn.functional.scaled_dot_product_attention.__doc__

@@ -38,7 +38,7 @@ TORCH_FUNCTION = "tensor subclass with __torch_function__"
 SHORT = "query length < MIN_SEQ_LEN"
 FEW_DIMS = "query has fewer than 3 dims"
 NESTED = "nested tensors"
-AUTOCAST = "autocast is enabled"
+AUTOCAST = "autocast is enabled"  # not a fallback: the dispatcher casts, as autocast would
 FUNCTORCH = "inside a torch.func transform"
 DEVICES = "tensors on different devices"
 DTYPES = "query, key and value have different dtypes"
@@ -76,11 +76,10 @@ def evaluate(q, k, v, mask, dropout_p, causal, scale, gqa):
         return FEW_DIMS, None, False
     if q.shape[-2] < _package.MIN_SEQ_LEN:
         return SHORT, None, False
-    if not compiling:
-        if _is_any_autocast_enabled():  # PyTorch would cast the inputs; the op would not
-            return AUTOCAST, None, False
-        if _functorch_transform() is not None:
-            return FUNCTORCH, None, False
+    if _is_any_autocast_enabled() and torch.is_autocast_enabled(device.type):
+        return AUTOCAST, None, False
+    if not compiling and _functorch_transform() is not None:
+        return FUNCTORCH, None, False
     if q.is_nested or k.is_nested or v.is_nested or (mask is not None and mask.is_nested):
         return NESTED, None, False
     if k.device != device or v.device != device or (mask is not None and mask.device != device):
@@ -167,10 +166,28 @@ def describe(q, k, v, dtype, mask, causal, needs_grad) -> Call:
     )
 
 
+def autocast_inputs(q, k, v, mask):
+    """The tensors autocast would hand SDPA: PyTorch's policy for it (lower_precision_fp)
+    casts every floating tensor but float64 to the autocast dtype. Call under autocast."""
+    dtype = torch.get_autocast_dtype(q.device.type)
+
+    def cast(t):
+        if t is None or not t.is_floating_point() or t.dtype == torch.float64 or t.dtype == dtype:
+            return t
+        return t.to(dtype)
+
+    return cast(q), cast(k), cast(v), cast(mask)
+
+
 def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """None if this SDPA call would go to a kernel, else the reason it would fall back."""
     from . import patch
 
     if not patch.is_enabled():
         return "metal_flash_sdpa is not enabled"
-    return evaluate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)[0]
+    reason = evaluate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)[0]
+    if reason is AUTOCAST:
+        query, key, value, attn_mask = autocast_inputs(query, key, value, attn_mask)
+        with torch.autocast(query.device.type, enabled=False):
+            reason = evaluate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)[0]
+    return reason

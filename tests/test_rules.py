@@ -153,11 +153,26 @@ def test_nested_tensors_fall_back(reference_cpu):
     assert metal_flash_sdpa.explain(nt, nt, nt) is not None
 
 
-def test_autocast_falls_back_and_keeps_pytorchs_dtype(reference_cpu):
-    q, k, v = qkv(1, 2, 16, 8)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert metal_flash_sdpa.explain(q, k, v) == rules.AUTOCAST
-        assert F.scaled_dot_product_attention(q, k, v).dtype == pytorch_sdpa(q, k, v, math=False).dtype
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_casts_like_pytorch_then_dispatches(reference_cpu, dtype):
+    q, k, v = qkv(1, 2, 32, 16, grad=True)
+    mask = torch.randn(32, 32)
+    with torch.autocast("cpu", dtype=dtype):
+        assert metal_flash_sdpa.explain(q, k, v, attn_mask=mask) is None
+        ours = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        theirs = pytorch_sdpa(q, k, v, attn_mask=mask, math=False)
+        double = pytorch_sdpa(q.double(), k.double(), v.double(), attn_mask=mask.double())
+    assert ours.dtype == theirs.dtype == dtype
+    assert metal_flash_sdpa.get_dispatch_count() == 1
+    assert rules.AUTOCAST not in metal_flash_sdpa.fallback_counts()
+    grad = torch.randn_like(ours)
+    ours_grads = torch.autograd.grad(ours, (q, k, v), grad)
+    their_grads = torch.autograd.grad(theirs, (q, k, v), grad)
+    atol, rtol = metal_flash_sdpa.ReferenceKernel.tolerances[dtype]
+    assert (ours.double() - double).abs().max() <= 2 * (theirs.double() - double).abs().max() + atol
+    for a, b in zip(ours_grads, their_grads):
+        assert a.dtype == b.dtype == torch.float32  # autograd casts back through the autocast cast
+        torch.testing.assert_close(a, b, atol=4 * atol, rtol=4 * rtol)
 
 
 def test_functorch_transforms_fall_back(reference_cpu):

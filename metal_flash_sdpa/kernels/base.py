@@ -93,13 +93,19 @@ class Kernel:
         return f"is_causal not supported by {self.name}"
 
     def forward(self, q, k, v, scale: float, causal: bool, mask):
-        """-> (out [B, Hq, Sq, Dv] in q's dtype, lse: this kernel's own per-row statistic).
+        """-> (out, lse).
 
+        ``out``: logical ``[B, Hq, Sq, Dv]`` in q's dtype, memory contiguous in ``layout``
+        order. ``lse``: ``[B, Hq, Sq]``, contiguous, float32 (float64 for float64 inputs);
+        the kernel's own per-row statistic, read only by its backward.
         ``mask`` is None or an additive mask in q's dtype, 4-D ``[Bm, Hm, Sq, Sk]`` with
-        ``Bm`` in (1, B) and ``Hm`` in (1, Hq) (a bool mask was converted by the op layer).
+        ``Bm`` in (1, B) and ``Hm`` in (1, Hq), possibly a broadcast (stride-0) view; the
+        op layer converted a bool mask (True = attend) to 0 / -inf.
         """
         raise NotImplementedError
 
     def backward(self, grad_out, q, k, v, out, lse, scale: float, causal: bool, mask):
-        """-> (dq, dk, dv) with the shapes of q, k, v; GQA grads summed per key head."""
+        """-> (dq, dk, dv) with the shapes and dtypes of q, k, v, contiguous in ``layout``
+        order; GQA grads summed over the query heads of each key head. ``grad_out`` is
+        contiguous in ``layout`` order."""
         raise NotImplementedError
