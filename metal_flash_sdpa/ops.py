@@ -76,7 +76,7 @@ def _attention_backward_fake(grad_out, q, k, v, out, lse, mask, scale, causal):
 
 
 class _Attention(torch.autograd.Function):
-    """Autograd for the attention op (an autograd.Function: ~4 us, against ~14 us for
+    """Autograd for the attention op (an autograd.Function: ~4.5 us, against ~18 us for
     torch.library.register_autograd's Python wrapper); torch.compile traces it."""
 
     @staticmethod

@@ -72,6 +72,9 @@ def evaluate(q, k, v, mask, dropout_p, causal, scale, gqa):
         kernel = kernels.resolve(device, cache=not compiling)
     if type(kernel) is str:
         return kernel, None, False
+    # before any shape is read: a strided nested tensor raises on .shape
+    if q.is_nested or k.is_nested or v.is_nested or (mask is not None and mask.is_nested):
+        return NESTED, None, False
     if q.dim() < 3:
         return FEW_DIMS, None, False
     if q.shape[-2] < _package.MIN_SEQ_LEN:
@@ -80,8 +83,6 @@ def evaluate(q, k, v, mask, dropout_p, causal, scale, gqa):
         return AUTOCAST, None, False
     if not compiling and _functorch_transform() is not None:
         return FUNCTORCH, None, False
-    if q.is_nested or k.is_nested or v.is_nested or (mask is not None and mask.is_nested):
-        return NESTED, None, False
     if k.device != device or v.device != device or (mask is not None and mask.device != device):
         return DEVICES, None, False
     if k.dtype != q.dtype or v.dtype != q.dtype:

@@ -147,10 +147,20 @@ def test_min_seq_len_is_read_at_call_time(reference_cpu):
     assert metal_flash_sdpa.explain(q, k, v) is None
 
 
-def test_nested_tensors_fall_back(reference_cpu):
-    nt = torch.nested.nested_tensor([torch.randn(2, 16, 8), torch.randn(2, 20, 8)], layout=torch.jagged)
-    assert metal_flash_sdpa.explain(nt, nt, nt) in (rules.NESTED, rules.FEW_DIMS, rules.TORCH_FUNCTION)
-    assert metal_flash_sdpa.explain(nt, nt, nt) is not None
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged])
+def test_nested_tensors_fall_back(reference_cpu, layout):
+    nt = torch.nested.nested_tensor([torch.randn(2, 16, 8), torch.randn(2, 20, 8)], layout=layout)
+    assert metal_flash_sdpa.explain(nt, nt, nt) in (rules.NESTED, rules.TORCH_FUNCTION)
+    try:
+        expected = pytorch_sdpa(nt, nt, nt, math=False)
+    except Exception as error:
+        with pytest.raises(type(error)):
+            F.scaled_dot_product_attention(nt, nt, nt)
+    else:
+        got = F.scaled_dot_product_attention(nt, nt, nt)
+        for a, b in zip(got.unbind(), expected.unbind()):
+            torch.testing.assert_close(a, b)
+    assert metal_flash_sdpa.get_dispatch_count() == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
