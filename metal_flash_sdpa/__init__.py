@@ -36,6 +36,10 @@ def __getattr__(name):
     elif name in _API:
         import importlib
 
+        # torch first: if this is its first import, the start-up hook activates the package
+        # now, while no module of ours is half-initialised.
+        import torch  # noqa: F401
+
         value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,6 +22,17 @@ def _report(error: BaseException) -> None:
 
 def _on_torch_imported(_torch_module) -> None:
     try:
+        busy = [
+            name
+            for name, module in list(sys.modules.items())
+            if name.startswith("metal_flash_sdpa.") and getattr(getattr(module, "__spec__", None), "_initializing", False)
+        ]
+        if busy:  # activating now would import that half-initialised module
+            sys.stderr.write(
+                f"metal_flash_sdpa: not activated: torch was first imported by {busy[0]}; "
+                "import torch before it, or call metal_flash_sdpa.enable()\n"
+            )
+            return
         from metal_flash_sdpa import activation
 
         activation.activate_from_environment()

@@ -177,3 +177,21 @@ def test_garbage_in_every_variable():
     for name in env:
         assert name in lines[0]
     assert "metal_flash_sdpa" in lines[0]
+
+
+def test_api_used_before_torch_is_imported():
+    code = "import metal_flash_sdpa as m; m.enable(); print(m.is_enabled())\n" + REPORT
+    for env in ({"MFA_ENABLE": "1"}, {"MFA_ENABLE": "0"}, {}):
+        result = run_python(code, env=env)
+        assert result.returncode == 0 and result.stderr == "", result.stderr
+        assert json.loads(result.stdout.splitlines()[-1])["patched"]
+
+
+def test_submodule_imported_before_torch_says_why_it_did_not_activate():
+    code = "import metal_flash_sdpa.kernels.reference\n" + REPORT
+    state, stderr = report({"MFA_ENABLE": "1"}, code=code)
+    assert not state["patched"]
+    assert stderr.splitlines() == [
+        "metal_flash_sdpa: not activated: torch was first imported by metal_flash_sdpa.kernels; "
+        "import torch before it, or call metal_flash_sdpa.enable()"
+    ]

@@ -1,0 +1,158 @@
+"""The Metal FlashAttention kernel: ccv's MFA v2, through the native bridge ``_mfa_native``.
+
+What it serves is exactly what the pinned ccv (``subprojects/ccv.wrap``) runs on its
+runtime-generated v2 path, forward and backward:
+
+- float32 and float16 (the pinned encode recognises only ``MTLDataTypeFloat`` and
+  ``MTLDataTypeHalf``; bfloat16 would be read as float32);
+- head dims up to 384 (the end of its parameter tables), multiples of 8, the same for
+  query/key and value;
+- as many key/value heads as query heads: grouped-query attention, like any mask, goes
+  to ccv's older precompiled v1 kernels, which have neither a backward nor the
+  log-sum-exp the backward needs;
+- no ``is_causal`` and no ``attn_mask`` (v2 has no causal or mask code at this commit);
+- a call whose fp32 scratch would pass 1 GiB (ccv's scratch sizing breaks beyond it).
+
+Everything else falls back to PyTorch. This module is pure Python and imports on any
+machine; the native module loads on the first ``available()`` or kernel call.
+"""
+
+from __future__ import annotations
+
+import importlib
+import platform
+import sys
+import threading
+from typing import Optional
+
+import torch
+
+from .base import Call, Kernel
+
+NATIVE_MODULE = "metal_flash_sdpa._mfa_native"
+
+# ccv's scratch request rounds the size up with an int shift (ccv_nnc_mfa.cpp,
+# mfa::context::request_scratch), so more than 2**30 bytes is out of reach.
+MAX_SCRATCH_BYTES = 1 << 30
+_U16 = (1 << 16) - 1
+_U32 = (1 << 32) - 1
+
+_native = None
+_native_error: Optional[str] = None
+_native_lock = threading.Lock()
+
+
+def _load_native():
+    """The native module, or None with ``_native_error`` saying why; tried once."""
+    global _native, _native_error
+    if _native is not None or _native_error is not None:
+        return _native
+    with _native_lock:
+        if _native is None and _native_error is None:
+            try:
+                _native = importlib.import_module(NATIVE_MODULE)
+            except ImportError as error:
+                _native_error = f"the MFA bridge {NATIVE_MODULE} did not load: {error}"
+    return _native
+
+
+def scratch_bytes(call: Call) -> int:
+    """Bytes of ccv's shared scratch buffer the call needs (forward, or backward if
+    ``call.needs_grad``): fp32 copies of half outputs before their cast, and the
+    backward's fp32 D term."""
+    half = call.dtype == torch.float16
+    rows = call.batch * call.q_heads * call.head_dim
+    forward = 4 * call.q_len * rows if half else 0
+    if not call.needs_grad:
+        return forward
+    backward = (4 * (call.q_len + 2 * call.kv_len) * rows if half else 0) + 4 * call.q_len * call.batch * call.q_heads
+    return max(forward, backward)
+
+
+class MFAKernel(Kernel):
+    name = "mfa"
+    # Q/O are read and written as [B, S, H, D] (leading dimension H * D), so a model's
+    # x.view(B, S, H, D).transpose(1, 2) reaches the kernel without a copy.
+    layout = "BSHD"
+    dtypes = frozenset({torch.float32, torch.float16})
+    max_head_dim = 384
+    head_dim_multiple = 8
+    supports_value_dim_differs = False
+    supports_gqa = False
+    causal_forward = None
+    causal_backward = None
+    mask_forward = False
+    mask_backward = False
+    mask_per_head = False
+    # Against PyTorch's math SDPA computed in float32 from the same inputs; forward and
+    # gradients. float16 runs with float32 intermediates ("upcast").
+    tolerances = {
+        torch.float32: (2e-4, 2e-4),
+        torch.float16: (1e-2, 1e-2),
+    }
+
+    def available(self) -> Optional[str]:
+        if sys.platform != "darwin":
+            return f"the MFA kernel needs macOS on Apple silicon (this is {sys.platform})"
+        if platform.machine() != "arm64":
+            return f"the MFA kernel needs Apple silicon (this machine is {platform.machine()})"
+        if _load_native() is None:
+            return _native_error
+        if not torch.backends.mps.is_available():
+            return "torch.backends.mps.is_available() is False"
+        return None
+
+    def supports(self, call: Call) -> Optional[str]:
+        reason = super().supports(call)
+        if reason is not None:
+            return reason
+        if min(call.batch, call.q_heads, call.q_len, call.kv_len, call.head_dim) < 1:
+            return f"empty attention not sent to {self.name}"
+        if call.q_heads > _U16 or max(call.batch, call.q_len, call.kv_len) > _U32:
+            return f"sizes beyond the 16/32-bit fields of {self.name}"
+        if scratch_bytes(call) > MAX_SCRATCH_BYTES:
+            return f"call needs more than {MAX_SCRATCH_BYTES >> 30} GiB of {self.name} scratch"
+        return None
+
+    def forward(self, q, k, v, scale: float, causal: bool, mask):
+        if causal or mask is not None:
+            raise ValueError(f"{self.name} has no is_causal or attn_mask; supports() refuses such calls")
+        native = _require_native()
+        batch, heads, q_len, _ = q.shape
+        # logical [B, H, S, D] views of [B, S, H, D] memory (the op layer's contract)
+        out = torch.empty((batch, q_len, heads, v.shape[-1]), dtype=q.dtype, device=q.device)
+        lse = torch.empty((batch, heads, q_len), dtype=torch.float32, device=q.device)
+        native.attention_forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), out, lse, float(scale))
+        return out.transpose(1, 2), lse
+
+    def backward(self, grad_out, q, k, v, out, lse, scale: float, causal: bool, mask):
+        if causal or mask is not None:
+            raise ValueError(f"{self.name} has no is_causal or attn_mask backward; supports() refuses such calls")
+        native = _require_native()
+        dq, dk, dv = (_empty_bshd(t) for t in (q, k, v))
+        native.attention_backward(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            out.transpose(1, 2),
+            lse,
+            grad_out.transpose(1, 2),
+            dq,
+            dk,
+            dv,
+            float(scale),
+        )
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+def _empty_bshd(t):
+    """Uninitialised [B, S, H, D] memory for the logical [B, H, S, D] tensor ``t``."""
+    batch, heads, length, dim = t.shape
+    return torch.empty((batch, length, heads, dim), dtype=t.dtype, device=t.device)
+
+
+def _require_native():
+    native = _load_native()
+    if native is None:
+        raise RuntimeError(_native_error)
+    return native

@@ -1,0 +1,253 @@
+"""The MFA kernel on a real Apple GPU: numerics, dispatch, threads and memory.
+
+Every test needs MPS and the native bridge; elsewhere (Linux, hosted macOS runners,
+which have no MPS) they skip. References are PyTorch's math SDPA in float32 computed from
+the same inputs, compared with the tolerances MFAKernel declares.
+"""
+
+import importlib
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import metal_flash_sdpa
+from metal_flash_sdpa import kernels
+from metal_flash_sdpa.kernels.base import Call
+from metal_flash_sdpa.kernels.mfa import NATIVE_MODULE, MFAKernel
+
+
+def _bridge_loads():
+    try:
+        importlib.import_module(NATIVE_MODULE)
+    except ImportError:
+        return False
+    return True
+
+
+pytestmark = [
+    pytest.mark.mps,
+    pytest.mark.skipif(
+        not (torch.backends.mps.is_available() and _bridge_loads()),
+        reason="needs an Apple GPU (MPS) and the MFA bridge",
+    ),
+]
+
+KERNEL = MFAKernel()
+DTYPES = sorted(KERNEL.dtypes, key=str)
+HEAD_DIMS = [32, 64, 80, 128, 256]
+# (batch, heads, q_len, kv_len): square self-attention, cross attention both ways, odd lengths
+SHAPES = [(2, 4, 256, 256), (1, 8, 300, 300), (2, 2, 128, 512), (1, 3, 640, 257)]
+
+
+@pytest.fixture
+def mfa_patch(restore_state):
+    kernels.register_kernel("mps", KERNEL)
+    metal_flash_sdpa.enable()
+    metal_flash_sdpa.MIN_SEQ_LEN = 0
+    metal_flash_sdpa.reset_dispatch_count()
+
+
+def _inputs(batch, heads, q_len, kv_len, head_dim, dtype, requires_grad, layout="BHSD", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def make(length):
+        if layout == "BSHD":  # what transformers does: view(B, S, H, D).transpose(1, 2)
+            t = torch.randn(batch, length, heads, head_dim, generator=gen).transpose(1, 2)
+        else:
+            t = torch.randn(batch, heads, length, head_dim, generator=gen)
+        return t.to("mps", dtype).requires_grad_(requires_grad)
+
+    return make(q_len), make(kv_len), make(kv_len)
+
+
+def _reference(q, k, v, grad_out=None, scale=None):
+    """Math SDPA in float32 on the same values; the patch is bypassed."""
+    q32, k32, v32 = (t.detach().float().requires_grad_(grad_out is not None) for t in (q, k, v))
+    with metal_flash_sdpa.disabled(), sdpa_kernel(SDPBackend.MATH):
+        out = F.scaled_dot_product_attention(q32, k32, v32, scale=scale)
+    if grad_out is None:
+        return out, None
+    out.backward(grad_out.float())
+    return out, (q32.grad, k32.grad, v32.grad)
+
+
+def _close(actual, expected, dtype, what):
+    atol, rtol = KERNEL.tolerances[dtype]
+    torch.testing.assert_close(actual.float(), expected, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+def _call_for(q, k, needs_grad):
+    b, h, sq, d = q.shape
+    return Call(q.dtype, b, h, k.shape[1], sq, k.shape[2], d, d, False, None, False, needs_grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_forward_matches_math(mfa_patch, dtype, head_dim, shape):
+    q, k, v = _inputs(*shape, head_dim, dtype, requires_grad=False)
+    assert KERNEL.supports(_call_for(q, k, False)) is None
+    out = F.scaled_dot_product_attention(q, k, v)
+    assert metal_flash_sdpa.get_dispatch_count() == 1
+    assert out.dtype == dtype and out.shape == (shape[0], shape[1], shape[2], head_dim)
+    expected, _ = _reference(q, k, v)
+    _close(out, expected, dtype, "out")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gradients_match_math(mfa_patch, dtype, head_dim, shape):
+    q, k, v = _inputs(*shape, head_dim, dtype, requires_grad=True, seed=1)
+    assert KERNEL.supports(_call_for(q, k, True)) is None
+    out = F.scaled_dot_product_attention(q, k, v)
+    assert metal_flash_sdpa.get_dispatch_count() == 1
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to("mps", dtype)
+    out.backward(grad_out)
+    expected, (dq, dk, dv) = _reference(q, k, v, grad_out)
+    _close(out, expected, dtype, "out")
+    _close(q.grad, dq, dtype, "dq")
+    _close(k.grad, dk, dtype, "dk")
+    _close(v.grad, dv, dtype, "dv")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_custom_scale_and_transformers_layout(mfa_patch, dtype):
+    q, k, v = _inputs(2, 4, 384, 384, 64, dtype, requires_grad=True, layout="BSHD", seed=3)
+    out = F.scaled_dot_product_attention(q, k, v, scale=0.3)
+    assert metal_flash_sdpa.get_dispatch_count() == 1
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to("mps", dtype)
+    out.backward(grad_out)
+    expected, grads = _reference(q, k, v, grad_out, scale=0.3)
+    _close(out, expected, dtype, "out")
+    for name, actual, ref in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), grads):
+        _close(actual, ref, dtype, name)
+
+
+def test_three_d_inputs(mfa_patch):
+    q, k, v = (t.squeeze(0) for t in _inputs(1, 4, 256, 256, 64, torch.float16, requires_grad=False))
+    out = F.scaled_dot_product_attention(q, k, v)
+    assert metal_flash_sdpa.get_dispatch_count() == 1
+    _close(out, _reference(q, k, v)[0], torch.float16, "out")
+
+
+def test_kernel_called_directly():
+    q, k, v = _inputs(1, 2, 256, 256, 64, torch.float32, requires_grad=False, layout="BSHD")
+    out, lse = KERNEL.forward(q, k, v, 0.125, False, None)
+    assert lse.dtype == torch.float32 and lse.shape == (1, 2, 256) and lse.is_contiguous()
+    assert out.transpose(1, 2).is_contiguous()  # BSHD memory
+    _close(out, _reference(q, k, v, scale=0.125)[0], torch.float32, "out")
+    # lse is log2-sum-exp of the scaled scores
+    scores = (q.float() @ k.float().transpose(-1, -2)) * 0.125
+    torch.testing.assert_close(lse, torch.logsumexp(scores, dim=-1) / torch.log(torch.tensor(2.0)), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, dtype",
+    [
+        (dict(is_causal=True), torch.float16),
+        (dict(attn_mask="additive"), torch.float16),
+        (dict(enable_gqa=True), torch.float16),
+        ({}, torch.bfloat16),
+    ],
+    ids=["causal", "mask", "gqa", "bf16"],
+)
+def test_refused_calls_fall_back(mfa_patch, kwargs, dtype):
+    kv_heads = 2 if kwargs.get("enable_gqa") else 4
+    q = torch.randn(1, 4, 256, 64, device="mps", dtype=dtype)
+    k = torch.randn(1, kv_heads, 256, 64, device="mps", dtype=dtype)
+    v = torch.randn(1, kv_heads, 256, 64, device="mps", dtype=dtype)
+    if kwargs.get("attn_mask") == "additive":
+        kwargs = dict(attn_mask=torch.randn(256, 256, device="mps", dtype=dtype))
+    out = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    assert metal_flash_sdpa.get_dispatch_count() == 0
+    with metal_flash_sdpa.disabled():
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, **kwargs))
+
+
+def test_dispatch_counter(mfa_patch):
+    q, k, v = _inputs(1, 2, 256, 256, 64, torch.float16, requires_grad=False)
+    for expected in (1, 2, 3):
+        F.scaled_dot_product_attention(q, k, v)
+        assert metal_flash_sdpa.get_dispatch_count() == expected
+    metal_flash_sdpa.MIN_SEQ_LEN = 512  # read at call time
+    F.scaled_dot_product_attention(q, k, v)
+    assert metal_flash_sdpa.get_dispatch_count() == 3
+    metal_flash_sdpa.reset_dispatch_count()
+    assert metal_flash_sdpa.get_dispatch_count() == 0
+
+
+def test_bad_input_raises_instead_of_reaching_ccv():
+    native = importlib.import_module(NATIVE_MODULE)
+    q, k, v = (t.transpose(1, 2) for t in _inputs(1, 2, 64, 64, 64, torch.float32, requires_grad=False, layout="BSHD"))
+    out = torch.empty_like(q)
+    lse = torch.empty(1, 2, 64, device="mps")
+    with pytest.raises(RuntimeError, match="contiguous"):
+        native.attention_forward(q.transpose(1, 2), k, v, out, lse, 0.1)  # q not contiguous
+    with pytest.raises(RuntimeError, match="lse must be"):
+        native.attention_forward(q, k, v, out, lse.half(), 0.1)
+    with pytest.raises(RuntimeError):
+        native.attention_forward(q.cpu(), k, v, out, lse, 0.1)
+    with pytest.raises(RuntimeError, match="float32 and float16"):
+        native.attention_forward(q.bfloat16(), k.bfloat16(), v.bfloat16(), out.bfloat16(), lse, 0.1)
+
+
+def test_backward_on_another_thread(mfa_patch):
+    """Autograd runs backward on its own thread; ours also runs forwards concurrently."""
+    results = {}
+
+    def train_step(name, seed):
+        q, k, v = _inputs(1, 4, 512, 512, 64, torch.float16, requires_grad=True, seed=seed)
+        out = F.scaled_dot_product_attention(q, k, v)
+        grad_out = torch.ones_like(out)
+        worker = threading.Thread(target=lambda: out.backward(grad_out))
+        worker.start()
+        worker.join()
+        results[name] = (q, k, v, grad_out, out)
+
+    threads = [threading.Thread(target=train_step, args=(f"t{i}", i)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    torch.mps.synchronize()
+    assert set(results) == {f"t{i}" for i in range(4)}
+    for q, k, v, grad_out, out in results.values():
+        expected, grads = _reference(q, k, v, grad_out)
+        _close(out, expected, torch.float16, "out")
+        for name, actual, ref in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), grads):
+            _close(actual, ref, torch.float16, name)
+    assert metal_flash_sdpa.get_dispatch_count() == 4
+
+
+def _peak_bytes(fn):
+    torch.mps.synchronize()
+    torch.mps.empty_cache()
+    before = torch.mps.driver_allocated_memory()
+    fn()
+    torch.mps.synchronize()
+    return torch.mps.driver_allocated_memory() - before
+
+
+def test_memory_at_8192_is_far_below_math(mfa_patch):
+    q, k, v = _inputs(1, 8, 8192, 8192, 64, torch.float16, requires_grad=True, seed=5)
+
+    def step():
+        out = F.scaled_dot_product_attention(q, k, v)
+        out.backward(torch.ones_like(out))
+        q.grad = k.grad = v.grad = None
+
+    mfa = _peak_bytes(step)
+    assert metal_flash_sdpa.get_dispatch_count() == 1
+
+    def math_step():
+        with metal_flash_sdpa.disabled(), sdpa_kernel(SDPBackend.MATH):
+            step()
+
+    math = _peak_bytes(math_step)
+    # the math path holds [8, 8192, 8192] scores and probabilities (>= 1 GiB in fp16)
+    assert math > 1 << 30
+    assert mfa < math / 4, (mfa, math)
