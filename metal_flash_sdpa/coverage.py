@@ -1,0 +1,68 @@
+"""What each kernel serves, as a Markdown table built from its own ``supports()``.
+
+Rows are representative calls (the dtypes, head dims, and the patterns the CLI checks, on
+the ``meta`` device: shapes only); each cell is what the kernel's ``supports()`` says for
+the forward alone and with a backward. Pure Python: it runs on any machine, native bridge
+or not. The README's table is this function's output (``tests/test_coverage.py``).
+"""
+
+import torch
+
+from . import rules
+from .kernels.base import Call
+from .kernels.mfa import MFAKernel
+from .kernels.reference import ReferenceKernel
+from .patterns import MPS_SIZES, PATTERNS, Maker
+
+START = "<!-- coverage-table:start -->"
+END = "<!-- coverage-table:end -->"
+
+
+def _plain(dtype, head_dim=64, length=1024):
+    return Call(dtype, 2, 8, 8, length, length, head_dim, head_dim, False, None, False, False)
+
+
+def representative_calls():
+    """(label, Call without grad) for every row, in order."""
+    rows = [(f"{str(d).replace('torch.', '')}, no mask", _plain(d)) for d in (torch.float32, torch.float16, torch.bfloat16)]
+    rows += [(f"float16, head dim {d}", _plain(torch.float16, d)) for d in (32, 128, 256, 384, 100, 512)]
+    # large enough for MFA's 1 GiB scratch limit with a backward, not without
+    huge = Call(torch.float16, 1, 32, 32, 32768, 32768, 128, 128, False, None, False, False)
+    rows.append(("float16, 1 x 32 heads x 32768 tokens, head dim 128", huge))
+    for pattern in PATTERNS:
+        q, k, v, kwargs = pattern.build(MPS_SIZES, Maker(torch.float16, "meta"))
+        mask, causal = kwargs.get("attn_mask"), kwargs.get("is_causal", False)
+        call = rules.describe(q.shape, k.shape, v.shape, q.dtype, mask, causal, False)
+        rows.append((f"float16, {pattern.name}", call))
+    return rows
+
+
+def _cell(kernel, call):
+    reason = kernel.supports(call)
+    return "yes" if reason is None else f"no: {reason}"
+
+
+def coverage_table(kernels=None) -> str:
+    """Markdown table: one row per representative call, forward and forward+backward per kernel."""
+    kernels = kernels or (ReferenceKernel(), MFAKernel())
+    header = ["call"] + [f"{k.name} {part}" for k in kernels for part in ("forward", "with backward")]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, call in representative_calls():
+        cells = [label]
+        for kernel in kernels:
+            cells += [_cell(kernel, call), _cell(kernel, call._replace(needs_grad=True))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def readme_table(text: str):
+    """The table between the coverage markers of ``text``, or None if it has no markers."""
+    if START not in text or END not in text:
+        return None
+    return text.split(START, 1)[1].split(END, 1)[0].strip()
+
+
+if __name__ == "__main__":
+    print(START)
+    print(coverage_table())
+    print(END)
