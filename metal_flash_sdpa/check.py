@@ -11,7 +11,7 @@ kernel is a miss.
 
 import contextlib
 import sys
-from typing import List, NamedTuple
+from typing import List, NamedTuple, Optional
 
 import torch
 
@@ -83,11 +83,11 @@ def serving(device_type: str, kernel):
             kernels.register_kernel(device_type, previous)
 
 
-def pytorch_math_sdpa(q, k, v, **kwargs):
+def pytorch_math_sdpa(*args, **kwargs):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with metal_flash_sdpa.disabled(), sdpa_kernel(SDPBackend.MATH):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
+        return torch.nn.functional.scaled_dot_product_attention(*args, **kwargs)
 
 
 def _run(sdpa, inputs, kwargs, grad_out):
@@ -152,6 +152,20 @@ def _float64(value):
     return value.cpu().double() if value.is_floating_point() else value.cpu()
 
 
+def compare(ours, theirs, gold, atol, rtol) -> Optional[str]:
+    """None when ``ours`` passes against ``theirs`` (PyTorch's result, same dtype): within
+    (atol, rtol) of it, or no further from ``gold`` (float64) than twice PyTorch's own error
+    plus atol (half types round differently); else what is wrong. Tensors in float64."""
+    if ours.shape != theirs.shape or (ours.isnan() != theirs.isnan()).any():
+        return "shape or NaNs differ from PyTorch"
+    if torch.isclose(ours, theirs, atol=atol, rtol=rtol, equal_nan=True).all():
+        return None
+    ours_error, their_error = (ours - gold).abs().max().item(), (theirs - gold).abs().max().item()
+    if ours_error <= 2 * their_error + atol:
+        return None
+    return f"max |ours - float64| {ours_error:.3g} > 2 * max |pytorch - float64| {their_error:.3g} + atol"
+
+
 def _judge(tolerance, dtype, name, mode, ours, theirs, gold) -> Result:
     atol, rtol = tolerance
     max_abs, max_rel, worst, misses = 0.0, 0.0, "", []
@@ -162,17 +176,9 @@ def _judge(tolerance, dtype, name, mode, ours, theirs, gold) -> Result:
         if error != error or error >= max_abs:  # NaN counts as the worst
             max_abs, worst = error, label
         max_rel = max(max_rel, error / scale if scale else error)
-        if a.shape != b.shape or (a.isnan() != b.isnan()).any():
-            misses.append(f"{label}: shape or NaNs differ from PyTorch")
-            continue
-        if torch.isclose(a, b, atol=atol, rtol=rtol, equal_nan=True).all():
-            continue
-        ours_error, their_error = (a - g).abs().max().item(), (b - g).abs().max().item()
-        if ours_error <= 2 * their_error + atol:
-            continue  # as close to float64 as PyTorch's own result, within a factor of 2
-        misses.append(
-            f"{label}: max |ours - float64| {ours_error:.3g} > 2 * max |pytorch - float64| {their_error:.3g} + atol"
-        )
+        miss = compare(a, b, g, atol, rtol)
+        if miss is not None:
+            misses.append(f"{label}: {miss}")
     status = "miss" if misses else "ok"
     return Result(dtype, name, status, mode, "; ".join(misses), max_abs, max_rel, worst)
 

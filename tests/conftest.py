@@ -72,10 +72,9 @@ def run_python(code, env=None, args=(), timeout=120):
 
 def pytorch_sdpa(*args, math=True, **kwargs):
     """PyTorch's own SDPA (math backend by default), whatever the patch state."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from metal_flash_sdpa.check import pytorch_math_sdpa
 
+    if math:
+        return pytorch_math_sdpa(*args, **kwargs)
     with metal_flash_sdpa.disabled():
-        if not math:
-            return torch.nn.functional.scaled_dot_product_attention(*args, **kwargs)
-        with sdpa_kernel(SDPBackend.MATH):
-            return torch.nn.functional.scaled_dot_product_attention(*args, **kwargs)
+        return torch.nn.functional.scaled_dot_product_attention(*args, **kwargs)

@@ -91,13 +91,18 @@ def test_opcheck(reference_cpu):
 
 
 def test_compiled_under_autocast_casts_like_pytorch(reference_cpu):
+    def loss(q, k, v, causal=False):  # the attention runs in bf16, the reduction in fp32
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+        assert out.dtype == torch.bfloat16
+        return out.float().square().sum()
+
     q, k, v = inputs()
-    compiled = torch.compile(attention_loss, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = grads(compiled, q, k, v, causal=True)
-        expected = grads(attention_loss, q, k, v, causal=True)
+        expected = grads(loss, q, k, v, causal=True)
     assert metal_flash_sdpa.get_dispatch_count() == 2
     for a, b in zip(got, expected):
-        assert a.dtype == b.dtype
-        # bf16 rounding differs between the compiled and the eager graph: scale-relative
-        torch.testing.assert_close(a, b, atol=2e-2 * b.abs().max().item(), rtol=2e-2)
+        assert a.dtype == b.dtype == torch.float32
+        # compiled and eager backward round to bf16 in a different order: compare as a whole
+        assert ((a - b).norm() / b.norm()).item() < 3e-2  # seen: up to 1.1e-2, as ours vs PyTorch eager
