@@ -175,7 +175,7 @@ def main(args) -> int:
     else:
         kernel = kernels.registered_kernels().get(device.type)
         if kernel is None:
-            reason = kernels.unavailable.get(device.type, f"no kernel registered for device type {device.type!r}")
+            reason = kernels.no_kernel_reason(device.type)
             message = f"bench: no kernel for {device.type} on this machine ({reason}); nothing to measure"
             print(json.dumps(dict(device=device.type, kernel=None, reason=reason, results=[])) if args.json else message)
             if not args.json:

@@ -261,7 +261,7 @@ def main(args) -> int:
     else:
         kernel = kernels.registered_kernels().get(device_type)
         if kernel is None:
-            reason = kernels.unavailable.get(device_type, f"no kernel registered for device type {device_type!r}")
+            reason = kernels.no_kernel_reason(device_type)
             print(f"check: no kernel for {device_type} on this machine: {reason}")
             print("check: nothing was checked (try --device cpu for the reference kernel)")
             return 2

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import metal_flash_sdpa
 from helpers import compare_with_pytorch
 from metal_flash_sdpa import ReferenceKernel, rules
+from metal_flash_sdpa.patterns import padding_causal_mask
 
 TOL = ReferenceKernel.tolerances
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -16,14 +17,6 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 def rand(*shape, dtype=torch.float32, grad=True):
     return torch.randn(*shape, dtype=dtype).requires_grad_(grad)
-
-
-def padding_causal_mask(batch, length, pad):
-    """The 4-D bool mask transformers builds for a left-padded batch: causal and padding."""
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    keep = torch.ones(batch, length, dtype=torch.bool)
-    keep[0, :pad] = False
-    return causal[None, None] & keep[:, None, None, :]
 
 
 # name -> (q shape, k shape, v shape, kwargs factory)
@@ -41,7 +34,7 @@ PATTERNS = {
         (1, 3, 40, 32), (1, 3, 40, 32), (1, 3, 40, 32),
         lambda d: dict(attn_mask=torch.randn(1, 3, 40, 40, dtype=d)),
     ),
-    "padding+causal 4-D mask": ((2, 2, 48, 32), (2, 2, 48, 32), (2, 2, 48, 32), lambda d: dict(attn_mask=padding_causal_mask(2, 48, 0) | False)),
+    "padding+causal 4-D mask": ((2, 2, 48, 32), (2, 2, 48, 32), (2, 2, 48, 32), lambda d: dict(attn_mask=padding_causal_mask(2, 48))),
     "all-True mask": ((1, 2, 40, 32), (1, 2, 40, 32), (1, 2, 40, 32), lambda d: dict(attn_mask=torch.ones(40, 40, dtype=torch.bool))),
     "no mask, long": ((1, 2, 320, 64), (1, 2, 320, 64), (1, 2, 320, 64), lambda d: {}),
     "3-D": ((4, 40, 32), (4, 56, 32), (4, 56, 32), lambda d: {}),

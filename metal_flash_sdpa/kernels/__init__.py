@@ -37,12 +37,14 @@ def register_kernel(device_type: str, kernel: Optional[Kernel]) -> Optional[Kern
     return previous
 
 
-def kernel_for(device_type: str) -> Optional[Kernel]:
-    return _registry.get(device_type)
+def no_kernel_reason(device_type: str) -> str:
+    """Why calls on ``device_type`` have no kernel: the built-in kernel's own reason if it
+    could not load, else the plain fact."""
+    return unavailable.get(device_type) or f"no kernel registered for device type '{device_type}'"
 
 
 def resolve(device, cache: bool = True):
-    """The kernel for ``device``, or why there is none; cached in ``by_device``."""
+    """The kernel for ``device``, or the fallback reason; cached in ``by_device``."""
     entry = _registry.get(device.type) or f"no kernel registered for device type '{device.type}'"
     if cache:
         by_device[device] = entry
@@ -70,4 +72,4 @@ def _register_builtin() -> None:
 
 _register_builtin()
 
-__all__ = ["Call", "Kernel", "ReferenceKernel", "kernel_for", "register_kernel", "registered_kernels"]
+__all__ = ["Call", "Kernel", "ReferenceKernel", "no_kernel_reason", "register_kernel", "registered_kernels"]
