@@ -36,7 +36,8 @@ def count_fallback(reason: str) -> None:
 
 
 def get_dispatch_count() -> int:
-    """Calls sent to a kernel since start or the last reset."""
+    """Calls a kernel served since start or the last reset: counted once its forward
+    returned. A call whose kernel raised went to PyTorch: it counts as a fallback."""
     return _value(_dispatched)
 
 

@@ -2,8 +2,9 @@
 
 Rows are representative calls (the dtypes, head dims, and the patterns the CLI checks, on
 the ``meta`` device: shapes only); each cell is what the kernel's ``supports()`` says for
-the forward alone and with a backward. Pure Python: it runs on any machine, native bridge
-or not. The README's table is this function's output (``tests/test_coverage.py``).
+the forward alone and with a backward, and, for a kernel that declares ``verified_rung``,
+how far the kernels serving the row were verified. Pure Python: it runs on any machine,
+native bridge or not. The README's table is this function's output (``tests/test_coverage.py``).
 """
 
 import torch
@@ -37,20 +38,42 @@ def representative_calls():
     return rows
 
 
+# The rungs of DESIGN section 10's verification ladder, as the table names them.
+RUNGS = {
+    1: "rung 1: patches apply",
+    2: "rung 2: source emitted",
+    3: "rung 3: source checked",
+    4: "rung 4: executed on CPU against PyTorch; not run on a Mac",
+    5: "rung 5: run on a Mac",
+}
+
+
 def _cell(kernel, call):
     reason = kernel.supports(call)
     return "yes" if reason is None else f"no: {reason}"
 
 
+def _rung_cell(kernel, call):
+    served = kernel.supports(call) is None or kernel.supports(call._replace(needs_grad=True)) is None
+    return RUNGS[kernel.verified_rung[call.dtype]] if served else "-"
+
+
+def _rungs(kernel):
+    return getattr(kernel, "verified_rung", None)
+
+
 def coverage_table(kernels=None) -> str:
     """Markdown table: one row per representative call, forward and forward+backward per kernel."""
     kernels = kernels or (ReferenceKernel(), MFAKernel())
-    header = ["call"] + [f"{k.name} {part}" for k in kernels for part in ("forward", "with backward")]
+    header = ["call"]
+    for k in kernels:
+        header += [f"{k.name} forward", f"{k.name} with backward"] + ([f"{k.name} verified"] if _rungs(k) else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, call in representative_calls():
         cells = [label]
         for kernel in kernels:
             cells += [_cell(kernel, call), _cell(kernel, call._replace(needs_grad=True))]
+            cells += [_rung_cell(kernel, call)] if _rungs(kernel) else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

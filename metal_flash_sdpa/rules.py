@@ -3,7 +3,8 @@
 A call goes to a kernel only when every rule passes; the first that fails names the
 reason, which is counted, and the call runs PyTorch's original SDPA untouched. Anything
 invalid fails a rule, so PyTorch raises its own error. The dispatcher, ``explain()`` and
-the fallback counters all run ``evaluate``, so they cannot disagree.
+the fallback counters all run ``evaluate``, so they cannot disagree; that includes the
+configurations a kernel failed on, which go to PyTorch for the rest of the process.
 
 The order puts the cheap rules that reject most calls first (scoped disable, no kernel for
 the device, short sequences): the fallback path has a budget of under 1 us. No rule may
@@ -50,6 +51,7 @@ EMPTY = "empty tensors"
 
 
 _kernel_or_reason = kernels.by_device
+_failed = kernels.failed
 
 
 def evaluate(q, k, v, mask, dropout_p, causal, scale, gqa):
@@ -104,7 +106,13 @@ def evaluate(q, k, v, mask, dropout_p, causal, scale, gqa):
         reason = EMPTY
     if reason is None:
         grad = _is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        reason = kernel.supports(describe(qs, ks, vs, q.dtype, mask, causal, grad))
+        call = describe(qs, ks, vs, q.dtype, mask, causal, grad)
+        reason = kernel.supports(call)
+        # The last rule: not a configuration the kernel raised on (ops.kernel_failed); looked
+        # up only once a kernel has failed. Not while compiling (a graph would guard on the
+        # dict): compiled graphs send the op, which checks when it runs.
+        if reason is None and not compiling and _failed:
+            reason = _failed.get(configuration(kernel.name, device.type, call))
         if reason is None:
             return None, kernel, grad
     return reason, None, False
@@ -165,6 +173,24 @@ def describe(q, k, v, dtype, mask, causal, needs_grad) -> Call:
         mask is not None and mask.dim() >= 3 and mask.shape[-3] != 1,
         needs_grad,
     )
+
+
+def configuration(kernel_name: str, device_type: str, call: Call) -> tuple:
+    """What makes a distinct compiled kernel: ``call`` without batch and lengths, for
+    ``kernel_name`` on ``device_type``. The mask counts by presence and head shape, not by
+    kind: the op layer hands every kernel an additive mask, so a bool and an additive mask
+    run the same kernel (and the op layer, seeing only the converted mask, finds the same key).
+    ``needs_grad`` comes last (a forward failure blocks both values)."""
+    dtype, _, q_heads, kv_heads, _, _, head_dim, value_dim, causal, mask, per_head, needs_grad = call
+    masked = mask is not None
+    return kernel_name, device_type, dtype, head_dim, value_dim, q_heads, kv_heads, causal, masked, per_head, needs_grad
+
+
+# names of configuration()'s fields, for messages
+CONFIGURATION_FIELDS = (
+    "kernel", "device", "dtype", "head_dim", "value_dim", "q_heads", "kv_heads",
+    "causal", "masked", "mask_per_head", "needs_grad",
+)
 
 
 def autocast_inputs(q, k, v, mask):

@@ -2,24 +2,14 @@
 // MPS stream, reading and writing the tensors' own MTLBuffers (no copies).
 //
 // Deliberately thin: the Python side (metal_flash_sdpa/kernels/mfa.py) decides what is
-// eligible, lays tensors out and allocates every output. This file checks what it is
-// handed (so a bad call raises RuntimeError instead of reaching ccv, whose failures trap
-// the process), fills ccv's params struct and encodes.
+// eligible, lays tensors out and allocates every output; mfa_params.hpp maps a call to
+// ccv's params, buffer order and limits (shared with the Linux engine, which replays it).
+// This file checks what it is handed, re-checks those limits (a wrong answer from ccv would
+// be silent), and encodes. Every ccv failure becomes RuntimeError, never a dead process:
+// ccv throws (patch 0002) where it used to trap, and we catch it (DESIGN section 10).
 //
-// Facts about the pinned ccv (subprojects/ccv.wrap) this relies on, all in
-// lib/nnc/mfa/ccv_nnc_mfa_attention.cpp unless noted:
-//  - the runtime-generated v2 kernels serve only `!masked && Hq == Hk`; everything else
-//    goes to the precompiled v1 library, which has no backward and no LSE output;
-//  - data types: float and half (bf16 would be read as float: it is not recognised);
-//  - forward buffers  tensors[0..5] = Q K V O mask LSE;
-//    backward buffers tensors[0..8] = Q K V O LSE dO dQ dK dV;
-//  - Q/O/dO/dQ are [B, R, H, D] and K/V/dK/dV [B, C, H, D] (leading dimension H * D,
-//    batch stride R*H*D resp. C*H*D); LSE is [B, H, R] float32 (v2/AttentionKernel.cpp,
-//    operandLocationWithHeadOffsetValue) holding m + log2(l) of the scaled scores;
-//  - half outputs go through ccv's one scratch buffer (context->request_scratch) and a
-//    cast kernel; its byte count is kept in an `int` and rounded with `1 << n` (int), so
-//    we refuse calls whose scratch exceeds kMaxScratchBytes;
-//  - every failure inside ccv (shader compile, precondition) calls __builtin_trap().
+// metal-cpp's symbols are hidden: METALCPP_SYMBOL_VISIBILITY_HIDDEN comes with the ccv
+// dependency (subprojects/packagefiles/ccv/meson.build), for ccv's sources and for this one.
 
 #include <torch/extension.h>
 
@@ -30,32 +20,113 @@
 #import <Metal/Metal.h>
 
 #include <cstdint>
-#include <cstring>
-#include <limits>
+#include <exception>
 #include <mutex>
+#include <set>
+#include <string>
+#include <tuple>
 
-#include "ccv_nnc_mfa.hpp"
+#include "mfa_params.hpp"
 
 namespace {
 
-// ccv's scratch request rounds up with `1 << uint64_t(64 - clz(size - 1))` where the 1 is an
-// int (ccv_nnc_mfa.cpp, mfa::context::request_scratch): sizes above 2^30 bytes would shift
-// an int by 31 or more. The encode also sums the scratch size in an `auto x = 0` (int).
-constexpr uint64_t kMaxScratchBytes = uint64_t(1) << 30;
-
-// ccv's context (metallib, pipeline and shader caches, scratch buffer) is not thread-safe
+// ccv's context (libraries, pipelines, scratch buffer) is not thread-safe
 // (v2/ShaderCache.hpp: "WARNING: Not thread safe"), and autograd runs backward on its own
 // thread: every use of it happens under this lock.
 std::mutex g_mutex;
 ccv_nnc_mfa_context_t* g_context = nullptr;
 
+// The message of whatever `call` throws, or "" if it returns. Objects ccv autoreleases are
+// freed in the pool here: a Python thread has no pool of its own.
+template <typename F>
+std::string failure_of(F&& call) {
+  @autoreleasepool {
+    try {
+      call();
+    } catch (const std::exception& error) {
+      return error.what();
+    } catch (...) {
+      return "an exception that is not a std::exception";
+    }
+  }
+  return "";
+}
+
+// Calls into ccv, its failures raised as RuntimeError so that the op layer falls back.
+template <typename F>
+void ccv_call(const char* what, F&& call) {
+  const std::string failure = failure_of(call);
+  TORCH_CHECK(failure.empty(), "metal_flash_sdpa: ", what, " failed: ", failure);
+}
+
+// Runs `body` in the stream's serial queue, as PyTorch's own kernels encode. An exception
+// must not unwind through dispatch_sync: it is caught inside and raised here, after.
+template <typename F>
+void on_stream(at::mps::MPSStream* stream, const char* what, F&& body) {
+  auto* run = &body;
+  __block std::string failure;
+  dispatch_sync(stream->queue(), ^() {
+    failure = failure_of(*run);
+  });
+  TORCH_CHECK(failure.empty(), "metal_flash_sdpa: ", what, " failed: ", failure);
+}
+
+int macos_major_version() {
+  return int([[NSProcessInfo processInfo] operatingSystemVersion].majorVersion);
+}
+
 ccv_nnc_mfa_context_t* context_locked() {
   if (g_context == nullptr) {
     id<MTLDevice> device = at::mps::MPSDevice::getInstance()->device();
     TORCH_CHECK(device != nil, "metal_flash_sdpa: no Metal device");
-    g_context = ccv_nnc_init_mfa_context((__bridge MTL::Device*)device);
+    ccv_nnc_mfa_context_t* context = nullptr;
+    ccv_call("creating the MFA context", [&] {
+      context = ccv_nnc_init_mfa_context((__bridge MTL::Device*)device);
+      // Once, before any kernel is generated: macOS 26 rejects the `__asm` async-copy
+      // declarations in runtime-compiled source.
+      ccv_nnc_mfa_set_async_copies(context, mfa_sdpa::async_copies_for_macos(macos_major_version()));
+    });
+    g_context = context;
   }
   return g_context;
+}
+
+// ccv's v2 shader cache keeps one pipeline per (R, C, batch, strides, ...) for ever: the
+// kernels take those as function constants, so every new sequence length makes a pipeline
+// (the compiled library, per head dim, heads, dtype and scale, is shared). We bound it
+// rather than make kernels shape-independent: that would move R, C and the strides from
+// function constants into a buffer in ccv's generator, a patch to every kernel the CPU
+// executor verifies; a bound costs re-making pipelines, not libraries, once per
+// kMaxPipelineShapes new shapes. Counted per call shape (forward and backward apart).
+constexpr size_t kMaxPipelineShapes = 64;
+using PipelineShape = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int, bool, float>;
+std::set<PipelineShape> g_pipeline_shapes;
+
+// Evicts ccv's pipelines when `shape` would be one too many. Waits for the stream first, so
+// no command buffer still in flight holds an evicted pipeline, whether or not Metal retains
+// it for them; eviction is rare and the pipelines it forces cost more than the wait.
+void admit_pipeline_shape(ccv_nnc_mfa_context_t* context, at::mps::MPSStream* stream, const PipelineShape& shape) {
+  if (g_pipeline_shapes.count(shape)) {
+    return;
+  }
+  if (g_pipeline_shapes.size() >= kMaxPipelineShapes) {
+    on_stream(stream, "waiting for the MPS stream", [&] { stream->synchronize(at::mps::SyncType::COMMIT_AND_WAIT); });
+    ccv_nnc_mfa_clear_pipeline_cache(context);
+    g_pipeline_shapes.clear();
+  }
+  g_pipeline_shapes.insert(shape);
+}
+
+// ccv's request_scratch replaces its one scratch buffer (releasing the old one) when a call
+// needs more, maybe while a command buffer not yet completed still uses the old one.
+// PyTorch's command buffers appear to retain what they bind (MPSAllocator treats a buffer
+// with retainCount > 1 as in use by the GPU) but MPSCommandBuffer does not document it, so
+// the replaced buffer is held until the current command buffer completes; buffers of one
+// queue complete in order, so every earlier user of it is done by then.
+void keep_until_completed(at::mps::MPSStream* stream, id<MTLBuffer> replaced) {
+  [stream->commandBuffer() addCompletedHandler:^(id<MTLCommandBuffer>) {
+    (void)replaced;
+  }];
 }
 
 id<MTLBuffer> buffer_of(const at::Tensor& t) {
@@ -64,20 +135,53 @@ id<MTLBuffer> buffer_of(const at::Tensor& t) {
   return __builtin_bit_cast(id<MTLBuffer>, t.storage().data());
 }
 
-size_t offset_of(const at::Tensor& t) {
-  return size_t(t.storage_offset()) * size_t(t.element_size());
+// The tensors of one call in ccv's buffer order (mfa_params.hpp).
+struct Bindings {
+  MTL::Buffer* buffers[mfa_sdpa::kBackwardBuffers] = {};
+  size_t offsets[mfa_sdpa::kBackwardBuffers] = {};
+
+  void bind(int index, const at::Tensor& t) {
+    buffers[index] = (__bridge MTL::Buffer*)buffer_of(t);
+    offsets[index] = size_t(t.storage_offset()) * size_t(t.element_size());
+  }
+};
+
+// Encodes on PyTorch's current MPS stream, in its serial queue, into its shared compute
+// encoder, as PyTorch's own custom-kernel example does (test/cpp_extensions/mps_extension.mm).
+// Kernels and pipelines are built before (prepare), so the encode only reads ccv's caches.
+// Nothing is committed here: PyTorch commits the command buffer when its own ops would.
+void encode(const mfa_sdpa::Shape& s, mfa_sdpa::DType dtype, float scale, bool backward, Bindings& bindings) {
+  const ccv_nnc_mfa_attention_params_t params = mfa_sdpa::make_params(s, dtype, scale, backward);
+  std::lock_guard<std::mutex> lock(g_mutex);
+  ccv_nnc_mfa_context_t* context = context_locked();
+  TORCH_CHECK(ccv_nnc_mfa_context_supported(context),
+              "metal_flash_sdpa: this GPU is not supported by MFA (needs Apple7 or newer)");
+  at::mps::MPSStream* stream = at::mps::getCurrentMPSStream();
+  TORCH_CHECK(stream != nullptr, "metal_flash_sdpa: no current MPS stream");
+  admit_pipeline_shape(context, stream, {s.B, s.R, s.C, s.Hq, s.D, int(dtype), backward, scale});
+  ccv_call("building the MFA kernels", [&] { ccv_nnc_mfa_prepare_attention(context, params); });
+  on_stream(stream, "encoding the MFA kernels", [&] {
+    id<MTLComputeCommandEncoder> encoder = stream->commandEncoder();
+    // The command buffer is PyTorch's: ccv only encodes into the borrowed encoder.
+    MTL::CommandBatch batch(nullptr, (__bridge MTL::ComputeCommandEncoder*)encoder);
+    id<MTLBuffer> scratch = (__bridge id<MTLBuffer>)context->scratch.get();
+    ccv_nnc_mfa_encode_attention(context, params, &batch, bindings.buffers, bindings.offsets);
+    if ((__bridge void*)scratch != (void*)context->scratch.get()) {
+      keep_until_completed(stream, scratch);
+    }
+  });
 }
 
-uint64_t mtl_data_type(at::ScalarType dtype) {
-  switch (dtype) {
+mfa_sdpa::DType dtype_of(at::ScalarType type) {
+  switch (type) {
     case at::kFloat:
-      return MTL::DataTypeFloat;
+      return mfa_sdpa::DType::Float32;
     case at::kHalf:
-      return MTL::DataTypeHalf;
+      return mfa_sdpa::DType::Float16;
     default:
-      TORCH_CHECK(false, "metal_flash_sdpa: MFA supports float32 and float16, got ", dtype);
+      TORCH_CHECK(false, "metal_flash_sdpa: MFA serves float32 and float16, got ", type);
   }
-  return 0;
+  return mfa_sdpa::DType::Float32;
 }
 
 void check_tensor(const at::Tensor& t, const char* name, const at::Tensor& q, at::ScalarType dtype) {
@@ -93,98 +197,20 @@ void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected
   TORCH_CHECK(t.sizes() == expected, "metal_flash_sdpa: ", name, " must have shape ", expected, ", got ", t.sizes());
 }
 
-struct Shape {
-  int64_t B, R, C, H, D;
-};
-
-// Q [B, R, H, D], K and V [B, C, H, D]: the layout ccv's encode assumes.
-Shape check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+// q [B, R, Hq, D], k and v [B, C, Hk, D], within what the pinned ccv computes correctly.
+mfa_sdpa::Shape check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool backward) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
               "metal_flash_sdpa: q, k, v must be 4-D [batch, seq, heads, head_dim]");
-  Shape s{q.size(0), q.size(1), k.size(1), q.size(2), q.size(3)};
+  const mfa_sdpa::Shape s{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
   const auto dtype = q.scalar_type();
-  mtl_data_type(dtype);  // raises for unsupported types
   check_tensor(q, "q", q, dtype);
   check_tensor(k, "k", q, dtype);
   check_tensor(v, "v", q, dtype);
-  check_shape(k, "k", {s.B, s.C, s.H, s.D});
-  check_shape(v, "v", {s.B, s.C, s.H, s.D});
-  TORCH_CHECK(s.B >= 1 && s.R >= 1 && s.C >= 1 && s.H >= 1 && s.D >= 1,
-              "metal_flash_sdpa: empty attention is not sent to MFA");
-  // AttentionDescriptor keeps Hq and the head dimension in unsigned short, R, C and the
-  // batch in uint32; the parameter tables (v2/AttentionDescriptor.cpp) end at D = 384.
-  TORCH_CHECK(s.D <= 384 && s.H <= std::numeric_limits<uint16_t>::max(),
-              "metal_flash_sdpa: head_dim ", s.D, " / heads ", s.H, " out of MFA's range");
-  const int64_t u32 = std::numeric_limits<uint32_t>::max();
-  TORCH_CHECK(s.R <= u32 && s.C <= u32 && s.B <= u32, "metal_flash_sdpa: sizes exceed 32 bits");
+  check_shape(k, "k", {s.B, s.C, s.Hk, s.D});
+  check_shape(v, "v", {s.B, s.C, s.Hk, s.D});
+  const std::string refused = mfa_sdpa::check_limits(s, dtype_of(dtype), backward);
+  TORCH_CHECK(refused.empty(), "metal_flash_sdpa: MFA refuses this call: ", refused);
   return s;
-}
-
-ccv_nnc_mfa_attention_params_t make_params(const Shape& s, at::ScalarType dtype, double scale, uint8_t type) {
-  ccv_nnc_mfa_attention_params_t p;
-  std::memset(&p, 0, sizeof(p));  // also zeroes batch_dims_mask: "no mask batch"
-  p.data_type = mtl_data_type(dtype);
-  p.R = uint32_t(s.R);
-  p.C = uint32_t(s.C);
-  p.Hq = uint32_t(s.H);
-  p.Hk = uint32_t(s.H);
-  p.D = uint32_t(s.D);
-  p.Q_trans = p.K_trans = p.V_trans = p.O_trans = 0;
-  p.alpha = float(scale);
-  p.masked = 0;
-  // upcast: intermediates (and so L) in float32 for half inputs too
-  // (lowPrecisionIntermediates = half && !upcast).
-  p.upcast = 1;
-  p.type = type;  // 0 forward, anything else backward (dQ then dK/dV)
-  // batch_dims_q is a zero-terminated list; one entry of B is the whole batch.
-  p.batched = s.B > 1 ? 1 : 0;
-  if (s.B > 1) {
-    p.batch_dims_q[0] = uint32_t(s.B);
-  }
-  return p;
-}
-
-uint64_t scratch_bytes(const Shape& s, bool half, bool backward) {
-  const uint64_t B = s.B, R = s.R, C = s.C, H = s.H, D = s.D;
-  if (!backward) {
-    // fp32 copy of O for the cast; LSE is ours, so no LSE scratch
-    return half ? 4 * R * D * H * B : 0;
-  }
-  // fp32 dQ, dK, dV for the casts, plus the D term (always)
-  return (half ? 4 * (R + 2 * C) * D * H * B : 0) + 4 * R * H * B;
-}
-
-void check_scratch(const Shape& s, bool half, bool backward) {
-  const uint64_t bytes = scratch_bytes(s, half, backward);
-  TORCH_CHECK(bytes <= kMaxScratchBytes, "metal_flash_sdpa: call needs ", bytes,
-              " bytes of MFA scratch, more than the pinned ccv handles (", kMaxScratchBytes, ")");
-}
-
-// Encodes on PyTorch's current MPS stream, inside its serial queue, into its shared compute
-// encoder, the way PyTorch's own custom-kernel example does
-// (test/cpp_extensions/mps_extension.mm). Nothing is committed here: PyTorch commits the
-// command buffer when its own ops would.
-void encode(ccv_nnc_mfa_attention_params_t params, MTL::Buffer** buffers, size_t* offsets) {
-  std::lock_guard<std::mutex> lock(g_mutex);
-  ccv_nnc_mfa_context_t* context = context_locked();
-  TORCH_CHECK(ccv_nnc_mfa_context_supported(context), "metal_flash_sdpa: this GPU is not supported by MFA (needs Apple7 or newer)");
-  ccv_nnc_mfa_prepare_attention(context, params);
-  at::mps::MPSStream* stream = at::mps::getCurrentMPSStream();
-  TORCH_CHECK(stream != nullptr, "metal_flash_sdpa: no current MPS stream");
-  // Nothing inside the block may throw: an exception cannot cross dispatch_sync.
-  dispatch_sync(stream->queue(), ^() {
-    @autoreleasepool {
-      id<MTLComputeCommandEncoder> encoder = stream->commandEncoder();
-      // The command buffer is owned by PyTorch; ccv's encode only uses the encoder
-      // (the buffer is touched only by the destructor of a batch that owns it).
-      MTL::CommandBatch batch(nullptr, (__bridge MTL::ComputeCommandEncoder*)encoder);
-      ccv_nnc_mfa_encode_attention(context, params, &batch, buffers, offsets);
-    }
-  });
-}
-
-MTL::Buffer* mtl(const at::Tensor& t) {
-  return (__bridge MTL::Buffer*)buffer_of(t);
 }
 
 }  // namespace
@@ -192,46 +218,54 @@ MTL::Buffer* mtl(const at::Tensor& t) {
 // out [B, R, H, D] (q's dtype), lse [B, H, R] float32: preallocated by the caller.
 void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const at::Tensor& out, const at::Tensor& lse, double scale) {
-  const Shape s = check_qkv(q, k, v);
+  const mfa_sdpa::Shape s = check_qkv(q, k, v, false);
   check_tensor(out, "out", q, q.scalar_type());
-  check_shape(out, "out", {s.B, s.R, s.H, s.D});
+  check_shape(out, "out", {s.B, s.R, s.Hq, s.D});
   check_tensor(lse, "lse", q, at::kFloat);
-  check_shape(lse, "lse", {s.B, s.H, s.R});
-  const bool half = q.scalar_type() == at::kHalf;
-  check_scratch(s, half, false);
+  check_shape(lse, "lse", {s.B, s.Hq, s.R});
 
-  const auto params = make_params(s, q.scalar_type(), scale, 0);
-  MTL::Buffer* buffers[6] = {mtl(q), mtl(k), mtl(v), mtl(out), nullptr, mtl(lse)};
-  size_t offsets[6] = {offset_of(q), offset_of(k), offset_of(v), offset_of(out), 0, offset_of(lse)};
-  encode(params, buffers, offsets);
+  Bindings bindings;
+  bindings.bind(mfa_sdpa::kFwdQ, q);
+  bindings.bind(mfa_sdpa::kFwdK, k);
+  bindings.bind(mfa_sdpa::kFwdV, v);
+  bindings.bind(mfa_sdpa::kFwdO, out);
+  bindings.bind(mfa_sdpa::kFwdLSE, lse);  // ours, so ccv allocates no LSE scratch
+  encode(s, dtype_of(q.scalar_type()), float(scale), false, bindings);
 }
 
-// grad_out, dq [B, R, H, D]; dk, dv [B, C, H, D]; lse as written by attention_forward.
+// grad_out, dq [B, R, H, D]; dk, dv [B, C, H, D]; out and lse as attention_forward wrote
+// them. Nothing here depends on the forward call beyond those tensors and `scale`: the
+// params come from the same make_params (fp32 LSE, log2 domain, for both), the context's
+// settings are process-wide, and a pipeline eviction between the two drops no data.
 void attention_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const at::Tensor& out, const at::Tensor& lse, const at::Tensor& grad_out,
                         const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, double scale) {
-  const Shape s = check_qkv(q, k, v);
+  const mfa_sdpa::Shape s = check_qkv(q, k, v, true);
   const auto dtype = q.scalar_type();
   check_tensor(out, "out", q, dtype);
-  check_shape(out, "out", {s.B, s.R, s.H, s.D});
+  check_shape(out, "out", {s.B, s.R, s.Hq, s.D});
   check_tensor(lse, "lse", q, at::kFloat);
-  check_shape(lse, "lse", {s.B, s.H, s.R});
+  check_shape(lse, "lse", {s.B, s.Hq, s.R});
   check_tensor(grad_out, "grad_out", q, dtype);
-  check_shape(grad_out, "grad_out", {s.B, s.R, s.H, s.D});
+  check_shape(grad_out, "grad_out", {s.B, s.R, s.Hq, s.D});
   check_tensor(dq, "dq", q, dtype);
-  check_shape(dq, "dq", {s.B, s.R, s.H, s.D});
+  check_shape(dq, "dq", {s.B, s.R, s.Hq, s.D});
   check_tensor(dk, "dk", q, dtype);
-  check_shape(dk, "dk", {s.B, s.C, s.H, s.D});
+  check_shape(dk, "dk", {s.B, s.C, s.Hk, s.D});
   check_tensor(dv, "dv", q, dtype);
-  check_shape(dv, "dv", {s.B, s.C, s.H, s.D});
-  const bool half = dtype == at::kHalf;
-  check_scratch(s, half, true);
+  check_shape(dv, "dv", {s.B, s.C, s.Hk, s.D});
 
-  const auto params = make_params(s, dtype, scale, 1);
-  MTL::Buffer* buffers[9] = {mtl(q), mtl(k), mtl(v), mtl(out), mtl(lse), mtl(grad_out), mtl(dq), mtl(dk), mtl(dv)};
-  size_t offsets[9] = {offset_of(q), offset_of(k), offset_of(v), offset_of(out), offset_of(lse),
-                       offset_of(grad_out), offset_of(dq), offset_of(dk), offset_of(dv)};
-  encode(params, buffers, offsets);
+  Bindings bindings;
+  bindings.bind(mfa_sdpa::kBwdQ, q);
+  bindings.bind(mfa_sdpa::kBwdK, k);
+  bindings.bind(mfa_sdpa::kBwdV, v);
+  bindings.bind(mfa_sdpa::kBwdO, out);
+  bindings.bind(mfa_sdpa::kBwdLSE, lse);
+  bindings.bind(mfa_sdpa::kBwdDO, grad_out);
+  bindings.bind(mfa_sdpa::kBwdDQ, dq);
+  bindings.bind(mfa_sdpa::kBwdDK, dk);
+  bindings.bind(mfa_sdpa::kBwdDV, dv);
+  encode(s, dtype_of(dtype), float(scale), true, bindings);
 }
 
 // Whether ccv's MFA runs on this GPU (Apple7 family or newer); creates the context.

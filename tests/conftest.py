@@ -33,7 +33,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def restore_state():
-    """Leave the patch, the registry, MIN_SEQ_LEN and the counters as the test found them."""
+    """Leave the patch, the registry, MIN_SEQ_LEN and the counters as the test found them;
+    the configurations kernels failed on are forgotten (re-registering a kernel does that)."""
     was_enabled = patch.is_enabled()
     registry = kernels.registered_kernels()
     min_seq_len = metal_flash_sdpa.MIN_SEQ_LEN

@@ -62,6 +62,10 @@ def test_table_rows():
         "float16, 3-D input [H, L, D]",
     }
     assert rows["float16, 1 x 32 heads x 32768 tokens, head dim 128"][3].startswith("no: call needs more than 1 GiB")
+    # the rung column names how far the kernels of a served row were verified, and only there
+    rung = {label: cells[4] for label, cells in rows.items()}
+    assert {label for label, cell in rung.items() if cell != "-"} == mfa_yes
+    assert rung["float32, no mask"] == "rung 4: executed on CPU against PyTorch; not run on a Mac"
 
 
 def test_readme_table_is_coverage_table():

@@ -1,5 +1,8 @@
-"""MFAKernel's coverage, computed on any machine: supports() is pure Python."""
+"""MFAKernel's coverage, computed on any machine: supports() is pure Python. Its limits are
+checked at both sides of each boundary, and against the bridge's own re-check
+(native/mfa_params.hpp, check_limits) as the MFA engine's driver runs it."""
 
+import pathlib
 import sys
 
 import pytest
@@ -7,6 +10,8 @@ import torch
 
 from metal_flash_sdpa.kernels.base import Call
 from metal_flash_sdpa.kernels.mfa import MAX_SCRATCH_BYTES, MFAKernel, scratch_bytes
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def call(**changes):
@@ -57,9 +62,85 @@ REFUSED = {
     "per-head mask": (call(mask="additive", mask_per_head=True), "attn_mask"),
     "empty query": (call(q_len=0), "empty"),
     "empty keys": (call(kv_len=0), "empty"),
-    "too many heads": (call(q_heads=70000, kv_heads=70000, q_len=1, kv_len=1), "16/32-bit"),
+    "too many heads": (call(q_heads=70000, kv_heads=70000, q_len=1, kv_len=1), "16-bit leading dimension"),
     "scratch too large": (call(q_len=65536, kv_len=65536, q_heads=32, kv_heads=32, head_dim=128, value_dim=128), "scratch"),
 }
+
+
+def edge(**changes):
+    """The smallest fp32 call (head dim 8), grown only along the dimension under test."""
+    fields = dict(dtype=torch.float32, batch=1, q_heads=1, kv_heads=1, q_len=1, kv_len=1, head_dim=8, value_dim=8)
+    fields.update(changes)
+    return call(**fields)
+
+
+def heads(n, head_dim=8):
+    return dict(q_heads=n, kv_heads=n, head_dim=head_dim, value_dim=head_dim)
+
+
+# Each limit from both sides: (the last call accepted, the first refused, words of both
+# reasons, supports()'s and check_limits').
+BOUNDARIES = {
+    "heads x head dim 8": (edge(**heads(8191)), edge(**heads(8192)), "16-bit leading dimension"),
+    "heads x head dim 64": (edge(**heads(1023, 64)), edge(**heads(1024, 64)), "16-bit leading dimension"),
+    "query elements": (edge(q_len=2**29 - 1), edge(q_len=2**29), "32-bit offsets"),
+    "key elements": (edge(kv_len=2**29 - 1), edge(kv_len=2**29), "32-bit offsets"),
+    "elements over the batch": (edge(batch=2, q_len=2**28 - 1), edge(batch=2, q_len=2**28), "32-bit offsets"),
+    "fp32 backward scratch": (edge(needs_grad=True, q_len=2**28), edge(needs_grad=True, q_len=2**28 + 1), "scratch"),
+    "fp16 forward scratch": (edge(dtype=torch.float16, q_len=2**25), edge(dtype=torch.float16, q_len=2**25 + 1), "scratch"),
+    # 36 * q_len + 64 bytes: fp32 dQ, dK, dV at head dim 8 and the D term
+    "fp16 backward scratch": (
+        edge(dtype=torch.float16, needs_grad=True, q_len=29826160),
+        edge(dtype=torch.float16, needs_grad=True, q_len=29826161),
+        "scratch",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BOUNDARIES))
+def test_limits_at_both_sides(name):
+    accepted, refused, words = BOUNDARIES[name]
+    assert MFAKernel().supports(accepted) is None
+    reason = MFAKernel().supports(refused)
+    assert isinstance(reason, str) and words in reason, reason
+
+
+@pytest.fixture(scope="module")
+def engine():
+    """tools/engine's encode, its driver built; skips with one line when it cannot be built
+    here, unless MFA_ENGINE_REQUIRED=1."""
+    from engine_setup import build, engine_required
+    from engine import encode
+
+    with engine_required():
+        build.build()
+    return encode
+
+
+def engine_call(encode, c):
+    dtype = {torch.float32: "fp32", torch.float16: "fp16"}[c.dtype]
+    # macOS 15 mode, as the other engine tests run: the limits do not depend on it
+    return encode.Call(
+        dtype=dtype,
+        batch=c.batch,
+        heads=c.q_heads,
+        kv_heads=c.kv_heads,
+        q_len=c.q_len,
+        kv_len=c.kv_len,
+        head_dim=c.head_dim,
+        grad=c.needs_grad,
+        macos=15,
+    )
+
+
+@pytest.mark.parametrize("name", sorted(BOUNDARIES))
+def test_bridge_check_limits_agrees(engine, name):
+    """The driver refuses exactly when supports() does: it runs check_limits before ccv."""
+    accepted, refused, words = BOUNDARIES[name]
+    record = engine.encode(engine_call(engine, accepted), check_refusal=False)
+    assert record.dispatches
+    with pytest.raises(engine.Refused, match=words):
+        engine.encode(engine_call(engine, refused), check_refusal=False)
 
 
 @pytest.mark.parametrize("name", sorted(ACCEPTED))
@@ -93,10 +174,8 @@ def test_scratch_counts_backward_only_with_grad():
     assert scratch_bytes(fp16._replace(needs_grad=True)) == 4 * (4096 + 2 * 4096) * 2 * 8 * 64 + 4 * 4096 * 2 * 8
     assert scratch_bytes(call(dtype=torch.float32)) == 0
     assert scratch_bytes(call(dtype=torch.float32, needs_grad=True)) == 4 * 1024 * 2 * 8
-    # the boundary itself is accepted, one step beyond is not
-    edge = call(dtype=torch.float32, needs_grad=True, batch=1, q_heads=1, kv_heads=1, q_len=MAX_SCRATCH_BYTES // 4)
-    assert MFAKernel().supports(edge) is None
-    assert MFAKernel().supports(edge._replace(q_len=edge.q_len + 1)) is not None
+    # the D term alone reaches the limit at BOUNDARIES["fp32 backward scratch"]
+    assert scratch_bytes(BOUNDARIES["fp32 backward scratch"][0]) == MAX_SCRATCH_BYTES
 
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="the Linux answer")

@@ -16,21 +16,32 @@ _registry: dict = {}
 by_device: dict = {}
 # device type -> why the built-in kernel for it is not registered (for the status report)
 unavailable: dict = {}
+# rules.configuration(...) -> fallback reason: configurations a kernel raised on, which it
+# is not sent again (ops.kernel_failed). Mutated in place: the dispatcher holds this object.
+failed: dict = {}
 
 
 def register_kernel(device_type: str, kernel: Optional[Kernel]) -> Optional[Kernel]:
     """Serve SDPA calls on ``device_type`` with ``kernel`` (None removes it); returns the
-    kernel it replaces. Raises RuntimeError if the kernel says it cannot run here."""
+    kernel it replaces. Raises RuntimeError if the kernel says it cannot run here.
+
+    Also forgets the configurations kernels failed on for ``device_type``: the kernel now
+    registered starts with a clean slate (and tests that swap kernels leave none behind).
+    """
     if not isinstance(device_type, str) or not device_type:
         raise TypeError(f"device_type must be a device type string such as 'mps', got {device_type!r}")
     by_device.clear()
+    if kernel is not None:
+        if not isinstance(kernel, Kernel):
+            raise TypeError(f"kernel must be a metal_flash_sdpa.Kernel, got {type(kernel).__name__}")
+        reason = kernel.available()
+        if reason is not None:
+            raise RuntimeError(f"kernel {kernel.name!r} is not available: {reason}")
+    for configuration in list(failed):  # list(): one C call, safe against a concurrent failure
+        if configuration[1] == device_type:
+            failed.pop(configuration, None)
     if kernel is None:
         return _registry.pop(device_type, None)
-    if not isinstance(kernel, Kernel):
-        raise TypeError(f"kernel must be a metal_flash_sdpa.Kernel, got {type(kernel).__name__}")
-    reason = kernel.available()
-    if reason is not None:
-        raise RuntimeError(f"kernel {kernel.name!r} is not available: {reason}")
     previous = _registry.get(device_type)
     _registry[device_type] = kernel
     unavailable.pop(device_type, None)

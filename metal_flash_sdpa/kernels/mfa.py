@@ -11,7 +11,11 @@ runtime-generated v2 path, forward and backward:
   to ccv's older precompiled v1 kernels, which have neither a backward nor the
   log-sum-exp the backward needs;
 - no ``is_causal`` and no ``attn_mask`` (v2 has no causal or mask code at this commit);
+- heads x head dim under 65536 and tensors under 2**32 elements (16-bit leading
+  dimensions, 32-bit offsets: ccv would compute wrong results beyond, silently);
 - a call whose fp32 scratch would pass 1 GiB (ccv's scratch sizing breaks beyond it).
+
+The bridge re-checks the same limits (``native/mfa_params.hpp``, ``check_limits``).
 
 Everything else falls back to PyTorch. This module is pure Python and imports on any
 machine; the native module loads on the first ``available()`` or kernel call.
@@ -34,8 +38,12 @@ NATIVE_MODULE = "metal_flash_sdpa._mfa_native"
 # ccv's scratch request rounds the size up with an int shift (ccv_nnc_mfa.cpp,
 # mfa::context::request_scratch), so more than 2**30 bytes is out of reach.
 MAX_SCRATCH_BYTES = 1 << 30
-_U16 = (1 << 16) - 1
-_U32 = (1 << 32) - 1
+# ccv keeps leading dimensions (heads x head dim) in unsigned short
+# (ccv_nnc_mfa_attention.cpp, v2/AttentionKernelDescriptor.hpp).
+MAX_LEADING_DIMENSION = (1 << 16) - 1
+# The kernels offset q, k, v and the outputs by 32-bit products of element counts (batch x
+# batch stride, row x leading dimension), each below the tensor's element count.
+MAX_ELEMENTS = (1 << 32) - 1
 
 _native = None
 _native_error: Optional[str] = None
@@ -84,12 +92,24 @@ class MFAKernel(Kernel):
     mask_forward = False
     mask_backward = False
     mask_per_head = False
-    # Against PyTorch's math SDPA computed in float32 from the same inputs; forward and
-    # gradients. float16 runs with float32 intermediates ("upcast").
+    # (atol, rtol) for out, dq, dk, dv, from the CPU executor (tools/engine/execute.py: the
+    # emitted kernels against float64 PyTorch on the same dtype-rounded inputs) over
+    # tests/test_engine_execute.py's matrix with MFA_ENGINE_FULL=1 (every table row, both GPU
+    # families and macOS modes, lengths to 1024, two seeds): the worst |ours - float64| /
+    # (1 + |float64|) was 1.7e-6 in float32 (out, Apple9, D=384) and 3.3e-4 in float16 (dq:
+    # rounding to half dominates). 4x that, rounded up. PyTorch's math SDPA in the dtype was
+    # itself up to 8.6e-7 / 3.0e-4 from float64, so ours stays within these of it too: the
+    # contract. The CPU does not round like a GPU (fast::exp2): `check --device mps` on a Mac
+    # has the last word. float16 runs with float32 intermediates ("upcast").
     tolerances = {
-        torch.float32: (2e-4, 2e-4),
-        torch.float16: (1e-2, 1e-2),
+        torch.float32: (7e-6, 7e-6),
+        torch.float16: (1.5e-3, 1.5e-3),
     }
+    # The highest rung of the verification ladder (DESIGN section 10; README "How the kernel
+    # side is verified") that the kernels of each served dtype reached, forward and backward:
+    # 4 = the emitted Metal, encoded as the bridge encodes it, executed on the CPU against
+    # PyTorch (tests/test_engine_execute.py). None has run on a Mac (rung 5).
+    verified_rung = {torch.float32: 4, torch.float16: 4}
 
     def available(self) -> Optional[str]:
         if sys.platform != "darwin":
@@ -108,8 +128,12 @@ class MFAKernel(Kernel):
             return reason
         if min(call.batch, call.q_heads, call.q_len, call.kv_len, call.head_dim) < 1:
             return f"empty attention not sent to {self.name}"
-        if call.q_heads > _U16 or max(call.batch, call.q_len, call.kv_len) > _U32:
-            return f"sizes beyond the 16/32-bit fields of {self.name}"
+        leading = max(call.q_heads, call.kv_heads) * call.head_dim
+        if leading > MAX_LEADING_DIMENSION:
+            return f"heads x head dim {leading} beyond the 16-bit leading dimension of {self.name}"
+        elements = call.batch * max(call.q_len * call.q_heads, call.kv_len * call.kv_heads) * call.head_dim
+        if elements > MAX_ELEMENTS:
+            return f"a tensor of {elements} elements beyond the 32-bit offsets of {self.name}"
         if scratch_bytes(call) > MAX_SCRATCH_BYTES:
             return f"call needs more than {MAX_SCRATCH_BYTES >> 30} GiB of {self.name} scratch"
         return None

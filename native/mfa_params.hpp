@@ -1,0 +1,99 @@
+// Launch parameters of one SDPA call for ccv's MFA: the one place that maps a call to ccv's
+// params struct, its buffer order, and the limits beyond which the pinned ccv computes
+// wrong results without an error.
+//
+// Plain C++ (no Objective-C, no torch): included by the bridge (mfa_bridge.mm) and by the
+// Linux engine harness (tools/engine/driver.cpp), so the CPU executor replays exactly what
+// the bridge encodes on a Mac. metal_flash_sdpa/kernels/mfa.py states the same limits for
+// supports(); tests/test_engine_*.py check the two agree.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <string>
+
+#include "ccv_nnc_mfa.hpp"
+
+namespace mfa_sdpa {
+
+enum class DType : std::uint8_t { Float32, Float16 };
+
+// q [B, R, Hq, D]; k and v [B, C, Hk, D]; the layout ccv's encode reads.
+struct Shape {
+  std::int64_t B, R, C, Hq, Hk, D;
+};
+
+// Buffer order of ccv_nnc_mfa_encode_attention (ccv_nnc_mfa_attention.cpp).
+enum ForwardBuffer { kFwdQ, kFwdK, kFwdV, kFwdO, kFwdMask, kFwdLSE, kForwardBuffers };
+enum BackwardBuffer { kBwdQ, kBwdK, kBwdV, kBwdO, kBwdLSE, kBwdDO, kBwdDQ, kBwdDK, kBwdDV, kBackwardBuffers };
+
+// ccv's scratch request rounds the size up with `1 << n` on an int
+// (ccv_nnc_mfa.cpp, mfa::context::request_scratch), and the encode sums it in an int:
+// more than 2^30 bytes wraps.
+constexpr std::uint64_t kMaxScratchBytes = std::uint64_t(1) << 30;
+// Leading dimensions (H * D) are unsigned short in AttentionKernelDescriptor.
+constexpr std::int64_t kMaxLeadingDimension = 0xFFFF;
+// Offsets are 32-bit element counts: ccv keeps batch strides (S*H*D) in uint32, and the
+// kernels offset each operand by uint products, batch x stride, row x H*D, and for L and
+// D (batch x H + head) x R. All stay below the operand's element count, so tensors under
+// 2^32 elements are safe. Elements, not bytes: the pointer arithmetic scales in 64 bits,
+// and the scratch's byte offsets are ccv's size_t (and under kMaxScratchBytes).
+constexpr std::int64_t kMaxElements = 0xFFFFFFFFll;
+// The end of ccv's parameter tables (v2/AttentionDescriptor.cpp).
+constexpr std::int64_t kMaxHeadDim = 384;
+
+inline bool is_half(DType dtype) { return dtype == DType::Float16; }
+
+inline std::uint64_t mtl_data_type(DType dtype) {
+  return is_half(dtype) ? std::uint64_t(MTL::DataTypeHalf) : std::uint64_t(MTL::DataTypeFloat);
+}
+
+// Bytes of ccv's one scratch buffer the encode requests: fp32 copies of half outputs
+// before their cast, and the backward's fp32 D term (the forward's LSE is ours).
+inline std::uint64_t scratch_bytes(const Shape& s, DType dtype, bool backward) {
+  const std::uint64_t B = s.B, R = s.R, C = s.C, H = s.Hq, D = s.D;
+  if (!backward) return is_half(dtype) ? 4 * R * D * H * B : 0;
+  return (is_half(dtype) ? 4 * (R + 2 * C) * D * H * B : 0) + 4 * R * H * B;
+}
+
+// Empty when the pinned ccv computes this call correctly, else why not. Mirrors
+// MFAKernel.supports(); re-checked here because a wrong answer would be silent.
+inline std::string check_limits(const Shape& s, DType dtype, bool backward) {
+  if (s.B < 1 || s.R < 1 || s.C < 1 || s.Hq < 1 || s.Hk < 1 || s.D < 1) return "empty attention";
+  if (s.Hq != s.Hk) return "grouped-query attention is not served at this ccv pin";
+  if (s.D > kMaxHeadDim || s.D % 8 != 0) return "head dim " + std::to_string(s.D) + " is outside MFA's tables";
+  if (s.Hq * s.D > kMaxLeadingDimension || s.Hk * s.D > kMaxLeadingDimension)
+    return "heads x head dim " + std::to_string(s.Hq * s.D) + " exceeds MFA's 16-bit leading dimension";
+  if (s.B * s.R * s.Hq * s.D > kMaxElements || s.B * s.C * s.Hk * s.D > kMaxElements)
+    return "a tensor of 2^32 or more elements exceeds MFA's 32-bit offsets";
+  if (scratch_bytes(s, dtype, backward) > kMaxScratchBytes)
+    return "call needs " + std::to_string(scratch_bytes(s, dtype, backward)) + " bytes of MFA scratch (limit 2^30)";
+  return "";
+}
+
+// ccv's params for the forward (backward = false) or the backward (dQ, then dK/dV).
+inline ccv_nnc_mfa_attention_params_t make_params(const Shape& s, DType dtype, float scale, bool backward) {
+  ccv_nnc_mfa_attention_params_t p;
+  std::memset(&p, 0, sizeof(p));  // also: no transposes, no mask, batch_dims_mask empty
+  p.data_type = mtl_data_type(dtype);
+  p.R = std::uint32_t(s.R);
+  p.C = std::uint32_t(s.C);
+  p.Hq = std::uint32_t(s.Hq);
+  p.Hk = std::uint32_t(s.Hk);
+  p.D = std::uint32_t(s.D);
+  p.alpha = scale;
+  // fp32 intermediates and LSE for half inputs too (lowPrecisionIntermediates = half && !upcast)
+  p.upcast = 1;
+  p.type = backward ? 1 : 0;
+  // batch_dims_q is zero-terminated; one entry of B is the whole batch.
+  p.batched = s.B > 1 ? 1 : 0;
+  if (s.B > 1) p.batch_dims_q[0] = std::uint32_t(s.B);
+  return p;
+}
+
+// Whether ccv's v2 kernels may use the simdgroup async-copy intrinsics: macOS 26 rejects
+// the `__asm` declarations they need in runtime-compiled source, so from 26 on they copy
+// with plain SIMD-group loads and stores (ccv_nnc_mfa_set_async_copies, our patch 0004).
+inline bool async_copies_for_macos(int macos_major) { return macos_major < 26; }
+
+}  // namespace mfa_sdpa

@@ -1,0 +1,3 @@
+// Apple's <IOSurface/IOSurfaceRef.h>, as far as metal-cpp uses it.
+#pragma once
+typedef struct __IOSurface* IOSurfaceRef;

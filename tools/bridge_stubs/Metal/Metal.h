@@ -1,0 +1,29 @@
+// Apple's <Metal/Metal.h>, as far as the bridge and PyTorch's MPS headers use it: the
+// protocols they name (with Metal's own inheritance) and the one message the bridge sends.
+#pragma once
+#include <Foundation/Foundation.h>
+
+#ifdef __OBJC__
+@protocol MTLDevice <NSObject>
+@end
+@protocol MTLResource <NSObject>
+@end
+@protocol MTLBuffer <MTLResource>
+@end
+@protocol MTLCommandQueue <NSObject>
+@end
+@protocol MTLCommandEncoder <NSObject>
+@end
+@protocol MTLComputeCommandEncoder <MTLCommandEncoder>
+@end
+@protocol MTLEvent <NSObject>
+@end
+@protocol MTLSharedEvent <MTLEvent>
+@end
+
+@protocol MTLCommandBuffer;
+typedef void (^MTLCommandBufferHandler)(id<MTLCommandBuffer>);
+@protocol MTLCommandBuffer <NSObject>
+- (void)addCompletedHandler:(MTLCommandBufferHandler)block;
+@end
+#endif

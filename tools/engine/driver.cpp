@@ -1,0 +1,242 @@
+// Encodes one SDPA call through ccv's own MFA encode path, with the params the bridge fills
+// (native/mfa_params.hpp), against the recording metal-cpp stand-in, and prints the record
+// as JSON: the Metal source of every kernel, the pipelines with their function constants,
+// and every dispatch with its bindings. tools/engine/ turns that into source listings and
+// CPU executions.
+//
+//   driver --dtype fp16 --batch B --heads H --kv-heads HK --q-len R --kv-len C --head-dim D
+//          [--grad] [--gpu apple7|apple9] [--macos N] [--scale S] [--offset BYTES]
+//          [--async-copies auto|on|off] [--fault empty-library|nil-pipeline|no-memory]
+//          [--no-prepare]
+//
+// --async-copies: whether ccv's kernels use the async-copy intrinsics; auto decides from
+// --macos as the bridge does. --fault no-memory: buffers beyond ccv's initial 64 KiB
+// scratch cannot be allocated. --no-prepare: encode without preparing first, as ccv's own
+// callers may: the encode then builds and allocates for itself, so its own failure paths
+// (inside a command) run.
+//
+// Exit 0 with the record; 2 (JSON {"refused": ...}) when the bridge would refuse the call;
+// 3 (JSON {"error": ...}) when ccv raised.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <set>
+#include <stdexcept>
+#include <string>
+
+#include "../../native/mfa_params.hpp"
+#include "recorder.hpp"
+
+namespace {
+
+struct Options {
+  mfa_sdpa::Shape shape{1, 1, 1, 1, 1, 64};
+  mfa_sdpa::DType dtype = mfa_sdpa::DType::Float32;
+  bool grad = false;
+  double scale = 0;  // 0: 1/sqrt(D), as SDPA's default
+  std::uint64_t offset = 0;
+  std::string async_copies = "auto";  // auto, on, off
+  bool prepare = true;
+};
+
+// The scratch buffer ccv's context allocates when it is created.
+constexpr std::uint64_t kInitialScratchBytes = 65536;
+
+[[noreturn]] void usage(const std::string& message) {
+  std::fprintf(stderr, "driver: %s\n", message.c_str());
+  std::exit(64);
+}
+
+Options parse(int argc, char** argv) {
+  Options o;
+  bool kv_heads_given = false;
+  auto& device = mfa_engine::record().device;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argc) usage("missing value for " + a);
+      return argv[++i];
+    };
+    if (a == "--grad") {
+      o.grad = true;
+    } else if (a == "--no-prepare") {
+      o.prepare = false;
+    } else if (a == "--dtype") {
+      const std::string v = value();
+      if (v == "fp32") o.dtype = mfa_sdpa::DType::Float32;
+      else if (v == "fp16") o.dtype = mfa_sdpa::DType::Float16;
+      else usage("dtype " + v + " is not served at this ccv pin");
+    } else if (a == "--batch") {
+      o.shape.B = std::atoll(value().c_str());
+    } else if (a == "--heads") {
+      o.shape.Hq = std::atoll(value().c_str());
+    } else if (a == "--kv-heads") {
+      o.shape.Hk = std::atoll(value().c_str());
+      kv_heads_given = true;
+    } else if (a == "--q-len") {
+      o.shape.R = std::atoll(value().c_str());
+    } else if (a == "--kv-len") {
+      o.shape.C = std::atoll(value().c_str());
+    } else if (a == "--head-dim") {
+      o.shape.D = std::atoll(value().c_str());
+    } else if (a == "--scale") {
+      o.scale = std::atof(value().c_str());
+    } else if (a == "--offset") {
+      o.offset = std::strtoull(value().c_str(), nullptr, 10);
+    } else if (a == "--gpu") {
+      const std::string v = value();
+      if (v == "apple7") device.gpu_family = 1007;
+      else if (v == "apple9") device.gpu_family = 1009;
+      else usage("unknown gpu " + v);
+    } else if (a == "--macos") {
+      device.macos = std::atoi(value().c_str());
+    } else if (a == "--async-copies") {
+      o.async_copies = value();
+      if (o.async_copies != "auto" && o.async_copies != "on" && o.async_copies != "off")
+        usage("--async-copies is auto, on or off");
+    } else if (a == "--fault") {
+      device.fault = value();
+      if (device.fault == "no-memory") device.max_buffer_bytes = kInitialScratchBytes;
+      else if (device.fault != "empty-library" && device.fault != "nil-pipeline") usage("unknown fault " + device.fault);
+    } else {
+      usage("unknown argument " + a);
+    }
+  }
+  if (!kv_heads_given) o.shape.Hk = o.shape.Hq;
+  device.reject_asm = device.macos >= 26;
+  if (o.scale == 0) o.scale = 1.0 / std::sqrt(double(o.shape.D));
+  return o;
+}
+
+// Tensors as the bridge hands them over: [B, S, H, D] (LSE [B, H, R] fp32), each at `offset`
+// bytes into its own buffer, as a tensor view into a larger storage would be.
+struct Tensor {
+  MTL::Buffer* buffer;
+  std::size_t offset;
+};
+
+Tensor tensor(const char* name, std::uint64_t elements, std::uint64_t element_size, std::uint64_t offset) {
+  return {mfa_engine::tensor_buffer(name, offset + elements * element_size), std::size_t(offset)};
+}
+
+struct Call {
+  bool prepare;
+  ccv_nnc_mfa_context_t* context;
+  ccv_nnc_mfa_attention_params_t params;
+  MTL::CommandBatch* batch;
+  MTL::Buffer** buffers;
+  std::size_t* offsets;
+};
+
+// A pipeline as Metal would build it: its library's source, function and constants.
+std::string pipeline_identity(const mfa_engine::Pipeline& pipeline) {
+  std::string identity = mfa_engine::record().libraries[pipeline.library].source + '\0' + pipeline.function;
+  for (const auto& [index, value] : pipeline.constants)
+    identity += '\0' + std::to_string(index) + ':' + std::to_string(value.type) + ':' +
+                std::string(value.bytes.begin(), value.bytes.end());
+  return identity;
+}
+
+// As the bridge does: prepare builds every kernel and pipeline and allocates the scratch
+// (and may raise); the encode, which the bridge runs inside dispatch_sync, must only find
+// them. (Pipelines are compared by content, not counted: host/simd's simd_all reads the
+// padding lane of 3-vectors, so ccv's cache lookups can miss and rebuild an identical
+// pipeline here.)
+void prepare_and_encode(const Call& call) {
+  if (!call.prepare) {
+    ccv_nnc_mfa_encode_attention(call.context, call.params, call.batch, call.buffers, call.offsets);
+    return;
+  }
+  ccv_nnc_mfa_prepare_attention(call.context, call.params);
+  auto& r = mfa_engine::record();
+  std::set<std::string> prepared;
+  for (const auto& pipeline : r.pipelines) prepared.insert(pipeline_identity(pipeline));
+  const std::size_t pipelines = r.pipelines.size(), buffers = r.buffers.size();
+  ccv_nnc_mfa_encode_attention(call.context, call.params, call.batch, call.buffers, call.offsets);
+  for (std::size_t i = pipelines; i < r.pipelines.size(); ++i)
+    if (!prepared.count(pipeline_identity(r.pipelines[i])))
+      r.errors.push_back("the encode built a pipeline that prepare had not: " + r.pipelines[i].function);
+  if (r.buffers.size() != buffers) r.errors.push_back("the encode allocated a buffer that prepare had not");
+}
+
+// After ccv raised, the bridge's batch must be usable (no command left open) and ccv's
+// caches must hold no half-built entry: the same call raises again (the faults modelled
+// here persist) instead of handing out a null pipeline.
+void check_recovery(const Call& call, const std::exception& raised) {
+  const std::string context = std::string(" after ccv raised: ") + raised.what();
+  if (call.batch->commandActive != 0) throw std::runtime_error("a command of the batch is still open" + context);
+  try {
+    prepare_and_encode(call);
+  } catch (const std::exception&) {
+    return;
+  }
+  throw std::runtime_error("the same call then succeeded" + context);
+}
+
+void encode(bool prepare, ccv_nnc_mfa_context_t* context, const ccv_nnc_mfa_attention_params_t& params, Tensor* tensors, int count) {
+  MTL::Buffer* buffers[mfa_sdpa::kBackwardBuffers] = {};
+  std::size_t offsets[mfa_sdpa::kBackwardBuffers] = {};
+  for (int i = 0; i < count; ++i) {
+    buffers[i] = tensors[i].buffer;
+    offsets[i] = tensors[i].offset;
+  }
+  MTL::ComputeCommandEncoder encoder;
+  MTL::CommandBatch batch(nullptr, &encoder);  // the bridge's borrowed-encoder batch
+  const Call call{prepare, context, params, &batch, buffers, offsets};
+  try {
+    prepare_and_encode(call);
+  } catch (const std::exception& raised) {
+    check_recovery(call, raised);
+    throw;
+  }
+}
+
+int run(const Options& o) {
+  const auto& s = o.shape;
+  const std::string refused = mfa_sdpa::check_limits(s, o.dtype, o.grad);
+  if (!refused.empty()) {
+    std::printf("{\"refused\": \"%s\"}\n", refused.c_str());
+    return 2;
+  }
+  MTL::Device device;
+  ccv_nnc_mfa_context_t* context = ccv_nnc_init_mfa_context(&device);
+  const int macos = mfa_engine::record().device.macos;
+  ccv_nnc_mfa_set_async_copies(context, o.async_copies == "auto" ? mfa_sdpa::async_copies_for_macos(macos)
+                                                                 : o.async_copies == "on");
+  if (!ccv_nnc_mfa_context_supported(context)) {
+    std::printf("{\"refused\": \"GPU family not supported by MFA\"}\n");
+    return 2;
+  }
+  const std::uint64_t es = mfa_sdpa::is_half(o.dtype) ? 2 : 4;
+  const std::uint64_t q_elements = s.B * s.R * s.Hq * s.D, kv_elements = s.B * s.C * s.Hk * s.D;
+  const std::uint64_t lse_elements = s.B * s.Hq * s.R;
+  Tensor q = tensor("q", q_elements, es, o.offset), k = tensor("k", kv_elements, es, o.offset),
+         v = tensor("v", kv_elements, es, o.offset), out = tensor("o", q_elements, es, o.offset),
+         lse = tensor("lse", lse_elements, 4, o.offset);
+  Tensor forward[mfa_sdpa::kForwardBuffers] = {q, k, v, out, {nullptr, 0}, lse};
+  encode(o.prepare, context, mfa_sdpa::make_params(s, o.dtype, float(o.scale), false), forward, mfa_sdpa::kForwardBuffers);
+  if (o.grad) {
+    Tensor dout = tensor("do", q_elements, es, o.offset), dq = tensor("dq", q_elements, es, o.offset),
+           dk = tensor("dk", kv_elements, es, o.offset), dv = tensor("dv", kv_elements, es, o.offset);
+    Tensor backward[mfa_sdpa::kBackwardBuffers] = {q, k, v, out, lse, dout, dq, dk, dv};
+    encode(o.prepare, context, mfa_sdpa::make_params(s, o.dtype, float(o.scale), true), backward, mfa_sdpa::kBackwardBuffers);
+  }
+  std::fputs(mfa_engine::to_json(mfa_engine::record()).c_str(), stdout);
+  return mfa_engine::record().errors.empty() ? 0 : 4;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const Options options = parse(argc, argv);
+  try {
+    return run(options);
+  } catch (const std::exception& error) {
+    std::string message = error.what();
+    for (auto& c : message)
+      if (c == '"' || c == '\\' || c == '\n') c = ' ';
+    std::printf("{\"error\": \"%s\"}\n", message.c_str());
+    return 3;
+  }
+}

@@ -1,0 +1,145 @@
+"""Encode one SDPA call as the bridge would on a Mac, and read back what ccv recorded."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import subprocess
+from typing import Optional
+
+from . import build
+
+# AttentionOperand::bufferIndex() in ccv's v2/AttentionOperand.hpp: Q K V O L D dO dV dK dQ.
+_BUFFER = re.compile(r"\[\[buffer\((\d+)\)\]\]")
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """One SDPA call, in the terms of `python tools/mfa_engine.py` and MFAKernel.supports()."""
+
+    dtype: str = "fp32"  # fp32, fp16, bf16
+    batch: int = 1
+    heads: int = 1
+    kv_heads: Optional[int] = None  # None: as many as heads
+    q_len: int = 1
+    kv_len: int = 1
+    head_dim: int = 64
+    causal: bool = False
+    mask: str = "none"  # none, bool, additive
+    grad: bool = False
+    gpu: str = "apple9"  # apple7, apple9
+    macos: int = 26
+
+    @property
+    def hk(self) -> int:
+        return self.heads if self.kv_heads is None else self.kv_heads
+
+    def driver_args(self) -> list[str]:
+        args = ["--dtype", self.dtype, "--batch", str(self.batch), "--heads", str(self.heads)]
+        args += ["--kv-heads", str(self.hk), "--q-len", str(self.q_len), "--kv-len", str(self.kv_len)]
+        args += ["--head-dim", str(self.head_dim), "--gpu", self.gpu, "--macos", str(self.macos)]
+        return args + (["--grad"] if self.grad else [])
+
+
+class Refused(Exception):
+    """MFAKernel.supports() (or the bridge's own limits) refuse the call."""
+
+
+class EngineError(Exception):
+    """ccv raised, or encoded something Metal would reject."""
+
+
+def refusal(call: Call) -> Optional[str]:
+    """MFAKernel.supports()'s reason for refusing ``call``, or None."""
+    import torch
+
+    import metal_flash_sdpa  # noqa: F401  (before the submodule: see README)
+    from metal_flash_sdpa.kernels.base import Call as KernelCall
+    from metal_flash_sdpa.kernels.mfa import MFAKernel
+
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    kernel_call = KernelCall(
+        dtype=dtypes[call.dtype],
+        batch=call.batch,
+        q_heads=call.heads,
+        kv_heads=call.hk,
+        q_len=call.q_len,
+        kv_len=call.kv_len,
+        head_dim=call.head_dim,
+        value_dim=call.head_dim,
+        causal=call.causal,
+        mask=None if call.mask == "none" else call.mask,
+        mask_per_head=False,
+        needs_grad=call.grad,
+    )
+    return MFAKernel().supports(kernel_call)
+
+
+@dataclasses.dataclass
+class Kernel:
+    """One library ccv compiled and the call launches."""
+
+    name: str
+    source: str
+
+
+@dataclasses.dataclass
+class Record:
+    call: Call
+    raw: dict
+
+    @property
+    def dispatches(self) -> list:
+        return self.raw["dispatches"]
+
+    def library_of(self, dispatch: dict) -> int:
+        return self.raw["pipelines"][dispatch["pipeline"]]["library"]
+
+    def kernels(self) -> list[Kernel]:
+        """Every library a dispatch uses, in the order first launched, named."""
+        seen, out = set(), []
+        for dispatch in self.dispatches:
+            library = self.library_of(dispatch)
+            if library not in seen:
+                seen.add(library)
+                source = self.raw["libraries"][library]["source"]
+                out.append(Kernel(kernel_name(self.raw["pipelines"][dispatch["pipeline"]]["function"], source), source))
+        return out
+
+
+def kernel_name(function: str, source: str) -> str:
+    """attention_forward / attention_backward_query / attention_backward_key_value, or cast_...
+    (attention kernels differ by the operands they bind: dQ is buffer 9, dV and dK 7 and 8)."""
+    if function == "attention":
+        buffers = {int(n) for n in _BUFFER.findall(source)}
+        if {7, 8} <= buffers:
+            return "attention_backward_key_value"
+        if 9 in buffers:
+            return "attention_backward_query"
+        return "attention_forward"
+    types = re.findall(r"typedef (\w+?)4? (?:original_real|real)4?;", source)
+    return f"{function}_{'_to_'.join(types)}" if len(types) == 2 else function
+
+
+def encode(call: Call, *extra: str, check_refusal: bool = True) -> Record:
+    """Run ccv's encode for ``call`` on the recording stand-in."""
+    if check_refusal:
+        reason = refusal(call)
+        if reason is not None:
+            raise Refused(reason)
+    driver = build.build()
+    result = subprocess.run([str(driver), *call.driver_args(), *extra], capture_output=True, text=True)
+    if result.returncode < 0:
+        raise EngineError(f"the engine died (signal {-result.returncode}): {result.stderr.strip()[-2000:]}")
+    try:
+        raw = json.loads(result.stdout)
+    except json.JSONDecodeError:
+        raise EngineError(f"the engine exited {result.returncode}: {result.stderr.strip()[-2000:]}") from None
+    if "refused" in raw:
+        raise Refused(raw["refused"])
+    if "error" in raw:
+        raise EngineError(raw["error"])
+    if raw["errors"]:
+        raise EngineError("; ".join(raw["errors"]))
+    return Record(call, raw)

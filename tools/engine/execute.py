@@ -1,0 +1,380 @@
+"""Replays a Record (encode.py) on the CPU through the executing Metal shim (metal.py), and
+compares what the kernels computed with PyTorch's math SDPA in float64 (DESIGN section 10,
+rung 4).
+
+Every buffer of the record gets its own mapping that ends at a PROT_NONE guard page (and
+starts after one), so a read or write past a buffer faults (the shim reports it) instead of
+going unseen. ccv's scratch is split at every offset a dispatch binds into it, one guarded
+mapping per region, because ccv rounds scratch up to a power of two and an overrun from one
+region into the next would otherwise look like data. Scratch and outputs start as NaN, so a
+value no kernel wrote shows as NaN; the bytes around a tensor inside its buffer (the view
+offset, the alignment slack) are checked unchanged afterwards, as are the inputs.
+
+What this cannot show: the Metal compiler's own behaviour, GPU rounding (fast::exp2,
+accumulation order, denormals) and real concurrency; the comparison is tolerance-based.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import dataclasses
+import math
+import mmap
+import time
+from typing import Callable, Optional
+
+import torch
+
+from . import encode
+
+PAGE = mmap.PAGESIZE
+# Buffers start 16-byte aligned (Metal's are page aligned; the shim's vector loads need 16).
+ALIGN = 16
+# 0xFF bytes are NaN as float32, float16 and bfloat16 alike.
+POISON = 0xFF
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+INPUTS = ("q", "k", "v", "do")
+OUTPUTS = ("out", "lse", "dq", "dk", "dv")
+BUFFER_OF = {"out": "o"}  # the record names the output buffer "o"
+
+# The log-sum-exp is not in the kernel contract (MFAKernel.tolerances covers out, dq, dk, dv),
+# but the backward reads it, so it is checked on its own: float32 in both dtypes (upcast).
+# Over the MFA_ENGINE_FULL=1 matrix the worst |err| / (1 + |ref|) was 2.0e-7 (Apple9,
+# D=384); this is 4x that, rounded up.
+LSE_TOLERANCE = (1e-6, 1e-6)
+
+
+# MTL::DataType of a function constant value -> the Metal type it must be declared as.
+METAL_DATA_TYPES = {3: "float", 16: "half", 33: "uint", 41: "ushort", 53: "bool"}
+
+
+class ReplayError(Exception):
+    """The record cannot be replayed as Metal would run it (a binding a kernel declares is
+    missing, a buffer has the wrong size, a kernel wrote where it must not)."""
+
+
+# -- host memory -------------------------------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+_libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_PROT_NONE = 0  # <sys/mman.h>; Python's mmap module does not export it
+
+
+class GuardedBuffer:
+    """``length`` bytes of host memory between two PROT_NONE pages, ending ALIGN-rounded at
+    the second one; every byte starts as POISON."""
+
+    def __init__(self, length: int):
+        self.length = length
+        padded = -(-max(length, 1) // ALIGN) * ALIGN
+        pages = -(-padded // PAGE)
+        self._size = (pages + 2) * PAGE
+        base = _libc.mmap(None, self._size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+        if base in (None, _MAP_FAILED):
+            raise MemoryError(f"mmap of {self._size} bytes failed (errno {ctypes.get_errno()})")
+        self._base = base
+        for guard in (base, base + (pages + 1) * PAGE):
+            if _libc.mprotect(guard, PAGE, _PROT_NONE) != 0:
+                raise OSError(ctypes.get_errno(), "mprotect of a guard page failed")
+        self.address = base + (pages + 1) * PAGE - padded
+        ctypes.memset(self.address, POISON, padded)
+        self._padded = padded
+
+    def view(self, start: int = 0, length: Optional[int] = None) -> torch.Tensor:
+        """The bytes [start, start + length) as a uint8 tensor sharing this memory."""
+        length = self._padded - start if length is None else length
+        if length == 0:
+            return torch.empty(0, dtype=torch.uint8)
+        return torch.frombuffer((ctypes.c_char * length).from_address(self.address + start), dtype=torch.uint8)
+
+    def slack(self) -> torch.Tensor:
+        """The alignment padding after the buffer's end: must stay POISON."""
+        return self.view(self.length, self._padded - self.length)
+
+    def free(self) -> None:
+        if self._base is not None:
+            _libc.munmap(self._base, self._size)
+            self._base = None
+
+
+# -- the replay ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Execution:
+    """What the kernels wrote, as CPU tensors: out [B, R, H, D] and dq in the call's dtype,
+    dk, dv [B, C, H, D], lse [B, H, R] float32 (base 2); mma: 8x8 multiply-accumulates
+    executed per kernel name."""
+
+    outputs: dict
+    mma: dict
+
+
+def random_inputs(call: encode.Call, seed: int) -> dict:
+    """q, k, v and (with grad) do, standard normal, in the call's dtype and [B, S, H, D]."""
+    generator = torch.Generator().manual_seed(seed)
+    dtype = DTYPES[call.dtype]
+    shapes = {"q": (call.batch, call.q_len, call.heads, call.head_dim), "do": (call.batch, call.q_len, call.heads, call.head_dim)}
+    shapes["k"] = shapes["v"] = (call.batch, call.kv_len, call.hk, call.head_dim)
+    names = INPUTS if call.grad else INPUTS[:3]
+    return {name: torch.randn(shapes[name], generator=generator).to(dtype) for name in names}
+
+
+def _tensor_layouts(call: encode.Call) -> dict:
+    """Buffer name -> (dtype, shape) of the tensor it holds."""
+    dtype = DTYPES[call.dtype]
+    qo = (call.batch, call.q_len, call.heads, call.head_dim)
+    kv = (call.batch, call.kv_len, call.hk, call.head_dim)
+    layouts = {"q": (dtype, qo), "k": (dtype, kv), "v": (dtype, kv), "o": (dtype, qo)}
+    layouts["lse"] = (torch.float32, (call.batch, call.heads, call.q_len))
+    layouts.update({"do": (dtype, qo), "dq": (dtype, qo), "dk": (dtype, kv), "dv": (dtype, kv)})
+    return layouts
+
+
+class _Memory:
+    """Host memory for every buffer a record binds: tensors whole, scratch by region."""
+
+    def __init__(self, record: encode.Record, offset: int):
+        self.record = record
+        self.offset = offset
+        self.buffers: list[GuardedBuffer] = []
+        self.tensors: dict[str, tuple[GuardedBuffer, torch.dtype, tuple]] = {}
+        self.regions: dict[tuple[int, int], GuardedBuffer] = {}  # (scratch buffer, offset)
+        layouts = _tensor_layouts(record.call)
+        bound = collections.defaultdict(set)
+        for dispatch in record.dispatches:
+            for binding in dispatch["buffers"].values():
+                bound[binding["buffer"]].add(binding["offset"])
+        for index, info in enumerate(record.raw["buffers"]):
+            name, length = info["name"], info["length"]
+            if name == "scratch":
+                starts = sorted(bound[index])
+                for start, end in zip(starts, starts[1:] + [length]):
+                    self.regions[(index, start)] = self._allocate(end - start)
+            elif index in bound or name in layouts:
+                dtype, shape = layouts[name]
+                expected = offset + math.prod(shape) * dtype.itemsize
+                if length != expected:
+                    raise ReplayError(f"buffer {name} is {length} bytes; a {list(shape)} {dtype} view at {offset} needs {expected}")
+                self.tensors[name] = (self._allocate(length), dtype, shape)
+
+    def _allocate(self, length: int) -> GuardedBuffer:
+        buffer = GuardedBuffer(length)
+        self.buffers.append(buffer)
+        return buffer
+
+    def address(self, binding: dict) -> int:
+        index, offset = binding["buffer"], binding["offset"]
+        if (index, offset) in self.regions:
+            return self.regions[(index, offset)].address
+        name = self.record.raw["buffers"][index]["name"]
+        if name not in self.tensors:
+            raise ReplayError(f"binding into buffer {index} ({name}) at {offset} is not a region of it")
+        return self.tensors[name][0].address + offset
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        buffer, dtype, shape = self.tensors[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ReplayError(f"{name} must be {list(shape)} {dtype}, not {list(tensor.shape)} {tensor.dtype}")
+        data = tensor.contiguous().view(torch.uint8).reshape(-1)
+        buffer.view(self.offset, data.numel()).copy_(data)
+
+    def read(self, name: str) -> torch.Tensor:
+        buffer, dtype, shape = self.tensors[name]
+        data = buffer.view(self.offset, buffer.length - self.offset).clone()
+        return data.view(dtype).reshape(shape)
+
+    def check_surroundings(self) -> None:
+        """The bytes of every tensor's buffer outside the tensor, and the alignment slack of
+        every scratch region, are still POISON: nothing wrote past or before a view."""
+        for name, (buffer, _, _) in self.tensors.items():
+            for where, bytes_ in (("before", buffer.view(0, self.offset)), ("after", buffer.slack())):
+                if (bytes_ != POISON).any():
+                    raise ReplayError(f"a kernel wrote {where} the {name} tensor in its buffer")
+        for (index, start), buffer in self.regions.items():
+            if (buffer.slack() != POISON).any():
+                raise ReplayError(f"a kernel wrote past the scratch region at {start} of buffer {index}")
+
+    def free(self) -> None:
+        for buffer in self.buffers:
+            buffer.free()
+
+
+def _bindings(kernel, dispatch: dict, pipeline: dict, memory: _Memory, name: str, scratch: list) -> tuple:
+    """The buffers, function constants and threadgroup memory ``kernel`` declares, from the
+    encoder state at ``dispatch``; a declared one the encoder did not set is an error, as
+    it would be on a Mac (a pipeline without its constants, a kernel reading garbage)."""
+    buffers = {}
+    for index in kernel.buffers:
+        key = str(index)
+        if key in dispatch["buffers"]:
+            buffers[index] = memory.address(dispatch["buffers"][key])
+        elif key in dispatch.get("bytes", {}):
+            payload = bytes.fromhex(dispatch["bytes"][key])
+            region = GuardedBuffer(len(payload))
+            ctypes.memmove(region.address, payload, len(payload))
+            scratch.append(region)
+            buffers[index] = region.address
+        else:
+            raise ReplayError(f"{name}: buffer {index} ({kernel.buffers[index]}) is declared but not bound")
+    constants = {}
+    for index, (constant, declared) in kernel.constants.items():
+        value = pipeline["constants"].get(str(index))
+        if value is None:
+            raise ReplayError(f"{name}: function constant {index} ({declared} {constant}) is declared but not set")
+        if METAL_DATA_TYPES.get(value["type"]) != declared:
+            raise ReplayError(f"{name}: function constant {index} ({declared} {constant}) is set as MTLDataType {value['type']}")
+        constants[index] = bytes.fromhex(value["hex"])
+    memory_lengths = {}
+    for index in kernel.threadgroup:
+        if str(index) not in dispatch["threadgroup_memory"]:
+            raise ReplayError(f"{name}: threadgroup memory {index} is declared but its length is not set")
+        memory_lengths[index] = dispatch["threadgroup_memory"][str(index)]
+    return buffers, constants, memory_lengths
+
+
+def execute(
+    record: encode.Record,
+    inputs: dict,
+    offset: int = 0,
+    schedule: str = "round_robin",
+    edit: Optional[Callable[[str, str], str]] = None,
+) -> Execution:
+    """Run every dispatch of ``record`` in order on ``inputs`` (random_inputs' form, placed
+    ``offset`` bytes into their buffers, as the record was encoded with ``--offset``).
+    ``edit(kernel_name, source)`` may rewrite a kernel's source first (mutation tests)."""
+    from . import metal
+
+    memory = _Memory(record, offset)
+    transient: list[GuardedBuffer] = []
+    try:
+        for name, tensor in inputs.items():
+            memory.write(name, tensor)
+        mma = collections.Counter()
+        frozen = {}  # the forward's results, which the backward must only read
+        for dispatch in record.dispatches:
+            pipeline = record.raw["pipelines"][dispatch["pipeline"]]
+            source = record.raw["libraries"][pipeline["library"]]["source"]
+            name = encode.kernel_name(pipeline["function"], source)
+            if name.startswith("attention_backward") and not frozen:
+                frozen = {n: memory.read(n) for n in ("o", "lse")}
+            if edit is not None:
+                source = edit(name, source)
+            kernel = metal.load_kernel(source, pipeline["function"])
+            buffers, constants, lengths = _bindings(kernel, dispatch, pipeline, memory, name, transient)
+            stats = kernel.run(dispatch["grid"], dispatch["group"], buffers, constants, lengths, schedule=schedule)
+            mma[name] += stats.get("mma", 0)
+        memory.check_surroundings()
+        for name, tensor in inputs.items():
+            if not torch.equal(memory.read(name).view(torch.uint8), tensor.contiguous().view(torch.uint8)):
+                raise ReplayError(f"a kernel wrote to the input {name}")
+        for name, before in frozen.items():
+            if not torch.equal(memory.read(name).view(torch.uint8), before.view(torch.uint8)):
+                raise ReplayError(f"the backward wrote to the forward's {name}")
+        names = OUTPUTS if record.call.grad else OUTPUTS[:2]
+        outputs = {name: memory.read(BUFFER_OF.get(name, name)) for name in names}
+        return Execution(outputs, dict(mma))
+    finally:
+        memory.free()
+        for buffer in transient:
+            buffer.free()
+
+
+# -- the reference ---------------------------------------------------------------------------
+
+
+def default_scale(call: encode.Call) -> float:
+    """1/sqrt(D) as the driver passes it: rounded to float32 (ccv's alpha is a float)."""
+    return torch.tensor(1.0 / math.sqrt(call.head_dim), dtype=torch.float32).item()
+
+
+def reference(call: encode.Call, inputs: dict, scale: Optional[float] = None) -> dict:
+    """PyTorch's math SDPA in float64 on exactly the (dtype-rounded) inputs: out, lse as the
+    kernel defines it (log2 of the softmax denominator of scores * scale, i.e.
+    logsumexp / ln 2), and with grad dq, dk, dv by autograd with the same do. [B, S, H, D]
+    like the kernel's tensors; lse [B, H, R]."""
+    scale = default_scale(call) if scale is None else scale
+    q, k, v = (inputs[n].double().transpose(1, 2).requires_grad_(call.grad) for n in ("q", "k", "v"))
+    out, _ = torch.ops.aten._scaled_dot_product_attention_math(q, k, v, scale=scale)
+    with torch.no_grad():
+        lse = torch.logsumexp((q @ k.transpose(-1, -2)) * scale, dim=-1) / math.log(2)
+    result = {"out": out.detach().transpose(1, 2), "lse": lse}
+    if call.grad:
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), inputs["do"].double().transpose(1, 2))
+        result.update(dq=dq.transpose(1, 2), dk=dk.transpose(1, 2), dv=dv.transpose(1, 2))
+    return result
+
+
+# -- the comparison --------------------------------------------------------------------------
+
+
+def tolerances(call: encode.Call) -> dict:
+    """(atol, rtol) per output: MFAKernel's promise for out, dq, dk, dv; LSE_TOLERANCE."""
+    import metal_flash_sdpa  # noqa: F401  (before the submodule: see README)
+    from metal_flash_sdpa.kernels.mfa import MFAKernel
+
+    promised = MFAKernel.tolerances[DTYPES[call.dtype]]
+    names = OUTPUTS if call.grad else OUTPUTS[:2]
+    return {name: LSE_TOLERANCE if name == "lse" else promised for name in names}
+
+
+@dataclasses.dataclass
+class Comparison:
+    """Per output: max |ours - ref|; that over max |ref|; and the share of the tolerance
+    used, max |ours - ref| / (atol + rtol |ref|) (NaN where ours is NaN): ok when every
+    share is at most 1."""
+
+    max_abs: dict
+    max_rel: dict
+    used: dict
+    tolerance: dict
+
+    @property
+    def ok(self) -> bool:
+        return all(share <= 1 for share in self.used.values())  # False for NaN
+
+
+def compare(execution: Execution, expected: dict, tolerance: dict) -> Comparison:
+    max_abs, max_rel, used = {}, {}, {}
+    for name, (atol, rtol) in tolerance.items():
+        ours, ref = execution.outputs[name].double(), expected[name]
+        error = (ours - ref).abs()
+        worst = error.max().item() if error.numel() else 0.0
+        if error.isnan().any():
+            worst = math.nan
+        scale = ref.abs().max().item() if ref.numel() else 0.0
+        max_abs[name] = worst
+        max_rel[name] = worst / scale if scale else worst
+        share = (error / (atol + rtol * ref.abs())).max().item() if error.numel() else 0.0
+        used[name] = math.nan if math.isnan(worst) else share
+    return Comparison(max_abs, max_rel, used, dict(tolerance))
+
+
+def run(call: encode.Call, seed: int = 0, offset: int = 0, schedule: str = "round_robin", edit=None) -> dict:
+    """Encode ``call``, execute it on seeded random inputs, compare with float64 PyTorch; the
+    result as `python tools/mfa_engine.py run` prints it. Raises encode.Refused."""
+    started = time.perf_counter()
+    record = encode.encode(call, "--offset", str(offset))
+    inputs = random_inputs(call, seed)
+    execution = execute(record, inputs, offset=offset, schedule=schedule, edit=edit)
+    comparison = compare(execution, reference(call, inputs), tolerances(call))
+    return {
+        "ok": comparison.ok,
+        "max_abs": _finite(comparison.max_abs),
+        "max_rel": _finite(comparison.max_rel),
+        "used": _finite(comparison.used),
+        "tolerance": {name: {"atol": a, "rtol": r} for name, (a, r) in comparison.tolerance.items()},
+        "mma": execution.mma,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def _finite(values: dict) -> dict:
+    """NaN (an output holds a value no kernel wrote, or garbage) as JSON null."""
+    return {name: None if math.isnan(value) else float(f"{value:.3g}") for name, value in values.items()}

@@ -1,0 +1,2 @@
+// ccv includes QuartzCore only for profiling helpers its attention path never calls.
+#pragma once

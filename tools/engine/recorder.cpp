@@ -1,0 +1,277 @@
+// The recording metal-cpp stand-in's behaviour, and the record's JSON form.
+#include "recorder.hpp"
+
+#include <cstdio>
+#include <sstream>
+
+namespace mfa_engine {
+
+Record& record() {
+  static Record r;
+  return r;
+}
+
+static MTL::Buffer* new_buffer(const std::string& name, std::uint64_t length) {
+  auto* b = new MTL::Buffer();
+  b->id = int(record().buffers.size());
+  b->size = length;
+  record().buffers.push_back({name, length});
+  return b;
+}
+
+MTL::Buffer* tensor_buffer(const std::string& name, std::uint64_t length) { return new_buffer(name, length); }
+
+static std::string hex(const unsigned char* p, std::size_t n) {
+  static const char* digits = "0123456789abcdef";
+  std::string s;
+  for (std::size_t i = 0; i < n; ++i) {
+    s += digits[p[i] >> 4];
+    s += digits[p[i] & 15];
+  }
+  return s;
+}
+
+static std::string quote(const std::string& s) {
+  std::string out = "\"";
+  for (unsigned char c : s) {
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += char(c);
+    } else if (c == '\n') {
+      out += "\\n";
+    } else if (c == '\t') {
+      out += "\\t";
+    } else if (c < 0x20) {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\u%04x", c);
+      out += buf;
+    } else {
+      out += char(c);
+    }
+  }
+  return out + "\"";
+}
+
+std::string to_json(const Record& r) {
+  std::ostringstream o;
+  o << "{\"device\": {\"gpu_family\": " << r.device.gpu_family << ", \"macos\": " << r.device.macos << "},\n";
+  o << "\"libraries\": [";
+  for (std::size_t i = 0; i < r.libraries.size(); ++i) {
+    o << (i ? ",\n" : "\n") << "{\"precompiled\": " << (r.libraries[i].precompiled ? "true" : "false")
+      << ", \"source\": " << quote(r.libraries[i].source) << "}";
+  }
+  o << "],\n\"pipelines\": [";
+  for (std::size_t i = 0; i < r.pipelines.size(); ++i) {
+    const auto& p = r.pipelines[i];
+    o << (i ? ",\n" : "\n") << "{\"library\": " << p.library << ", \"function\": " << quote(p.function)
+      << ", \"constants\": {";
+    bool first = true;
+    for (const auto& [index, value] : p.constants) {
+      o << (first ? "" : ", ") << "\"" << index << "\": {\"type\": " << value.type << ", \"hex\": \""
+        << hex(value.bytes.data(), value.bytes.size()) << "\"}";
+      first = false;
+    }
+    o << "}}";
+  }
+  o << "],\n\"buffers\": [";
+  for (std::size_t i = 0; i < r.buffers.size(); ++i) {
+    o << (i ? ", " : "") << "{\"name\": " << quote(r.buffers[i].name) << ", \"length\": " << r.buffers[i].length
+      << "}";
+  }
+  o << "],\n\"dispatches\": [";
+  for (std::size_t i = 0; i < r.dispatches.size(); ++i) {
+    const auto& d = r.dispatches[i];
+    o << (i ? ",\n" : "\n") << "{\"pipeline\": " << d.pipeline << ", \"grid\": [" << d.grid.width << ", "
+      << d.grid.height << ", " << d.grid.depth << "], \"group\": [" << d.group.width << ", " << d.group.height << ", "
+      << d.group.depth << "], \"threadgroup_memory\": {";
+    bool first = true;
+    for (const auto& [index, length] : d.threadgroup_memory) {
+      o << (first ? "" : ", ") << "\"" << index << "\": " << length;
+      first = false;
+    }
+    o << "}, \"buffers\": {";
+    first = true;
+    for (const auto& [index, b] : d.buffers) {
+      o << (first ? "" : ", ") << "\"" << index << "\": {\"buffer\": " << b.buffer << ", \"offset\": " << b.offset
+        << "}";
+      first = false;
+    }
+    o << "}, \"bytes\": {";
+    first = true;
+    for (const auto& [index, payload] : d.bytes) {
+      o << (first ? "" : ", ") << "\"" << index << "\": \"" << hex(payload.data(), payload.size()) << "\"";
+      first = false;
+    }
+    o << "}}";
+  }
+  o << "],\n\"errors\": [";
+  for (std::size_t i = 0; i < r.errors.size(); ++i) o << (i ? ", " : "") << quote(r.errors[i]);
+  o << "]}\n";
+  return o.str();
+}
+
+}  // namespace mfa_engine
+
+using mfa_engine::record;
+
+// libdispatch data: ccv hands it to newLibrary and releases it; nothing reads it here.
+struct mfa_dispatch_data_s {};
+dispatch_data_t dispatch_data_create(const void*, std::size_t, void*, void*) { return new mfa_dispatch_data_s(); }
+void dispatch_release(dispatch_data_t data) { delete data; }
+
+namespace MTL {
+
+void FunctionConstantValues::setConstantValue(const void* value, DataType type, NS::UInteger index) {
+  std::size_t size = 4;
+  switch (type) {
+    case DataTypeBool:
+      size = 1;
+      break;
+    case DataTypeUShort:
+    case DataTypeHalf:
+    case DataTypeBFloat:
+      size = 2;
+      break;
+    default:
+      size = 4;
+  }
+  const auto* p = static_cast<const unsigned char*>(value);
+  values[index] = ConstantValue{type, std::vector<unsigned char>(p, p + size)};
+}
+
+Function::~Function() {
+  if (library) library->release();
+}
+
+static Library* new_library(std::string source, bool precompiled) {
+  auto* l = new Library();
+  l->id = int(record().libraries.size());
+  l->precompiled = precompiled;
+  record().libraries.push_back({std::move(source), precompiled});
+  return l;
+}
+
+Function* Library::newFunction(NS::String* name) { return newFunction(name, nullptr, nullptr); }
+
+Function* Library::newFunction(NS::String* name, FunctionConstantValues* constants, NS::Error** error) {
+  const auto& device = record().device;
+  if (device.fault == "empty-library") return nullptr;  // no error: as reported on macOS 26.5
+  const std::string& source = record().libraries[id].source;
+  if (!precompiled && source.find("kernel void " + name->value + "(") == std::string::npos) {
+    if (error) *error = new NS::Error("no function named " + name->value + " in the library");
+    return nullptr;
+  }
+  auto* f = new Function();
+  retain();
+  f->library = this;
+  f->name = name->value;
+  if (constants) f->constants = constants->values;
+  return f;
+}
+
+void ComputePipelineDescriptor::setComputeFunction(Function* f) {
+  if (f) f->retain();
+  if (function) function->release();
+  function = f;
+}
+
+ComputePipelineDescriptor::~ComputePipelineDescriptor() {
+  if (function) function->release();
+}
+
+bool Device::supportsFamily(GPUFamily family) const { return NS::Integer(family) <= record().device.gpu_family; }
+
+NS::String* Device::name() const {
+  return new NS::String(record().device.gpu_family >= 1009 ? "Apple M3 (modelled)" : "Apple M1 (modelled)");
+}
+
+Library* Device::newLibrary(NS::String* source, CompileOptions*, NS::Error** error) {
+  if (record().device.reject_asm && source->value.find("__asm") != std::string::npos) {
+    if (error) *error = new NS::Error("modelled macOS 26 compiler: __asm in runtime-compiled source is rejected");
+    return nullptr;
+  }
+  return new_library(source->value, false);
+}
+
+Library* Device::newLibrary(dispatch_data_t, NS::Error**) { return new_library("", true); }
+
+Library* Device::newLibrary(NS::URL*, NS::Error**) { return new_library("", true); }
+
+static ComputePipelineState* new_pipeline(Function* function) {
+  if (function == nullptr) {
+    // Metal aborts the process here; the record says so and the harness fails.
+    record().errors.push_back("newComputePipelineState called with a nil function");
+    return nullptr;
+  }
+  if (record().device.fault == "nil-pipeline") return nullptr;
+  auto* p = new ComputePipelineState();
+  p->id = int(record().pipelines.size());
+  record().pipelines.push_back({function->library->id, function->name, function->constants});
+  return p;
+}
+
+ComputePipelineState* Device::newComputePipelineState(Function* function, NS::Error**) { return new_pipeline(function); }
+
+ComputePipelineState* Device::newComputePipelineState(ComputePipelineDescriptor* descriptor, PipelineOption,
+                                                      ComputePipelineReflection**, NS::Error**) {
+  return new_pipeline(descriptor->function);
+}
+
+Buffer* Device::newBuffer(NS::UInteger length, ResourceOptions) {
+  if (length == 0 || length > record().device.max_buffer_bytes) return nullptr;
+  return mfa_engine::new_buffer("scratch", length);
+}
+
+void ComputeCommandEncoder::setComputePipelineState(ComputePipelineState* p) {
+  if (p == nullptr) {
+    record().errors.push_back("setComputePipelineState called with a nil pipeline");
+    record().has_pipeline = false;
+    return;
+  }
+  record().state.pipeline = p->id;
+  record().has_pipeline = true;
+}
+
+void ComputeCommandEncoder::setThreadgroupMemoryLength(NS::UInteger length, NS::UInteger index) {
+  record().state.threadgroup_memory[index] = length;
+}
+
+void ComputeCommandEncoder::useResource(Buffer* buffer, ResourceUsage) {
+  if (buffer == nullptr) record().errors.push_back("useResource called with a nil buffer");
+}
+
+void ComputeCommandEncoder::setBuffer(Buffer* buffer, NS::UInteger offset, NS::UInteger index) {
+  if (buffer == nullptr) {
+    record().state.buffers.erase(index);
+    return;
+  }
+  record().state.bytes.erase(index);
+  record().state.buffers[index] = {buffer->id, offset};
+}
+
+void ComputeCommandEncoder::setBytes(const void* bytes, NS::UInteger length, NS::UInteger index) {
+  const auto* p = static_cast<const unsigned char*>(bytes);
+  record().state.buffers.erase(index);
+  record().state.bytes[index] = std::vector<unsigned char>(p, p + length);
+}
+
+void ComputeCommandEncoder::dispatchThreadgroups(Size grid, Size group) {
+  if (!record().has_pipeline) {
+    record().errors.push_back("dispatch without a pipeline");
+    return;
+  }
+  auto d = record().state;
+  d.grid = grid;
+  d.group = group;
+  record().dispatches.push_back(d);
+}
+
+void ComputeCommandEncoder::endEncoding() {}
+
+ComputeCommandEncoder* CommandBuffer::computeCommandEncoder() { return new ComputeCommandEncoder(); }
+
+void CommandBuffer::commit() {}
+
+CommandBuffer* CommandQueue::commandBuffer() { return new CommandBuffer(); }
+
+}  // namespace MTL

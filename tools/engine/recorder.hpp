@@ -1,0 +1,75 @@
+// What the recording metal-cpp stand-in (host/.../Metal.hpp) saw: the libraries ccv
+// compiled, the pipelines it made, the buffers it bound and every dispatch it encoded.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "nnc/mfa/3rdparty/metal-cpp/Metal.hpp"
+
+namespace mfa_engine {
+
+struct Binding {
+  int buffer;
+  std::uint64_t offset;
+};
+
+struct Dispatch {
+  int pipeline;
+  std::map<std::uint64_t, std::uint64_t> threadgroup_memory;  // index -> bytes
+  std::map<std::uint64_t, Binding> buffers;                   // index -> buffer and byte offset
+  std::map<std::uint64_t, std::vector<unsigned char>> bytes;  // index -> setBytes payload
+  MTL::Size grid, group;
+};
+
+struct Pipeline {
+  int library;
+  std::string function;
+  std::map<NS::UInteger, MTL::ConstantValue> constants;
+};
+
+struct Library {
+  std::string source;  // empty for the precompiled v1 metallib
+  bool precompiled;
+};
+
+struct BufferInfo {
+  std::string name;  // a tensor's name, or "scratch"
+  std::uint64_t length;
+};
+
+// How the stand-in device behaves: which GPU family it reports and which macOS it models.
+struct DeviceModel {
+  int gpu_family = 1009;  // MTL::GPUFamilyApple9
+  int macos = 26;
+  // Model the reported macOS 26 behaviour: runtime-compiled source declaring `__asm`
+  // intrinsics fails to compile.
+  bool reject_asm = true;
+  // Fault injection, as reported on macOS 26.5: a library compiles without error but holds
+  // no function ("empty-library"), or pipeline creation returns nil ("nil-pipeline").
+  std::string fault;
+  // Allocations above this fail (nil), as Metal's do past the device's limit.
+  std::uint64_t max_buffer_bytes = std::uint64_t(1) << 36;
+};
+
+struct Record {
+  DeviceModel device;
+  std::vector<Library> libraries;
+  std::vector<Pipeline> pipelines;
+  std::vector<BufferInfo> buffers;
+  std::vector<Dispatch> dispatches;
+  Dispatch state;  // the encoder's current state: it persists between dispatches, as in Metal
+  bool has_pipeline = false;
+  std::vector<std::string> errors;  // misuse Metal would crash on (nil pipeline, ...)
+};
+
+Record& record();
+
+// A buffer standing for a tensor the caller owns (the bridge's MTLBuffers).
+MTL::Buffer* tensor_buffer(const std::string& name, std::uint64_t length);
+
+std::string to_json(const Record& r);
+
+}  // namespace mfa_engine

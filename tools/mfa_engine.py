@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""The MFA engine on Linux (DESIGN section 10): what one SDPA call runs on a Mac.
+
+  python tools/mfa_engine.py source --dtype {fp32,fp16,bf16} --batch B --heads H
+      --kv-heads HK --q-len R --kv-len C --head-dim D [--causal] [--mask {none,bool,additive}]
+      [--grad] [--gpu {apple7,apple9}] [--macos N]
+
+prints the Metal source of every kernel the call launches (forward; with --grad the backward
+too), each after a line `// kernel: NAME`. Exit 0; 2 when MFAKernel.supports() refuses the
+call (the reason on stderr); 3 when the engine fails (ccv raised, or it encoded something
+Metal would reject). ccv comes from MFA_CCV_SOURCE or ../shared/ccv/ (tools/engine/build.py).
+
+  python tools/mfa_engine.py run CALL-FLAGS [--seed N] [--offset BYTES]
+      [--schedule {round_robin,run_ahead,run_behind}]
+
+executes everything the call encodes on the CPU (tools/engine/execute.py) on random inputs
+and compares out, LSE (and with --grad dQ, dK, dV) with PyTorch's math SDPA in float64;
+prints one JSON line {"ok", "max_abs", "max_rel", "used" (share of the tolerance), "tolerance",
+"mma" (8x8 multiply-accumulates per kernel), "seconds"}. Exit 0 within tolerance; 1 not: a
+value no kernel wrote (NaN, max_abs null) or a kernel fault (a guard page hit, divergence,
+a missing binding: "error" instead of the figures); 2 refused; 3 engine failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import faulthandler
+import json
+import pathlib
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tools"))
+if "metal_flash_sdpa" not in sys.modules:
+    try:  # the installed package if there is one, else the checkout's (pure Python)
+        import metal_flash_sdpa  # noqa: F401
+    except ImportError:
+        sys.path.append(str(REPO))
+
+from engine import build, encode, metal  # noqa: E402
+
+
+def call_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), required=True)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=1)
+    parser.add_argument("--kv-heads", type=int, default=None)
+    parser.add_argument("--q-len", type=int, required=True)
+    parser.add_argument("--kv-len", type=int, required=True)
+    parser.add_argument("--head-dim", type=int, required=True)
+    parser.add_argument("--causal", action="store_true")
+    parser.add_argument("--mask", choices=("none", "bool", "additive"), default="none")
+    parser.add_argument("--grad", action="store_true")
+    parser.add_argument("--gpu", choices=("apple7", "apple9"), default="apple9")
+    parser.add_argument("--macos", type=int, default=26)
+
+
+def to_call(args) -> encode.Call:
+    return encode.Call(**{field.name: getattr(args, field.name) for field in dataclasses.fields(encode.Call)})
+
+
+def cmd_source(args) -> int:
+    record = encode.encode(to_call(args))
+    for kernel in record.kernels():
+        sys.stdout.write(f"// kernel: {kernel.name}\n{kernel.source}\n")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from engine import execute
+
+    faulthandler.enable()  # a fault the shim does not catch still names where it happened
+    try:
+        result = execute.run(to_call(args), seed=args.seed, offset=args.offset, schedule=args.schedule)
+    except (execute.ReplayError, metal.MetalBindingError, metal.MetalExecutionError) as fault:
+        result = {"ok": False, "error": f"{type(fault).__name__}: {fault}"}
+    print(json.dumps(result))
+    return 0 if result["ok"] else 1
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="mfa_engine.py", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    source = commands.add_parser("source", help="print the Metal source of every kernel the call launches")
+    call_arguments(source)
+    source.set_defaults(run=cmd_source)
+    run = commands.add_parser("run", help="execute the call on the CPU and compare with float64 PyTorch (JSON line)")
+    call_arguments(run)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--offset", type=int, default=0, help="every tensor starts this many bytes into its buffer")
+    run.add_argument("--schedule", choices=metal.SCHEDULES, default="round_robin", help="the order ready Metal threads run in")
+    run.set_defaults(run=cmd_run)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except encode.Refused as refused:
+        print(f"mfa_engine: refused: {refused}", file=sys.stderr)
+        return 2
+    except build.Unavailable as missing:
+        print(f"mfa_engine: the engine cannot be built here: {missing}", file=sys.stderr)
+        return 3
+    except (encode.EngineError, metal.MetalSyntaxError) as error:  # ccv, or a source the shim cannot compile
+        print(f"mfa_engine: {error}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
