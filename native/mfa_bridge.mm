@@ -99,7 +99,7 @@ ccv_nnc_mfa_context_t* context_locked() {
 // executor verifies; a bound costs re-making pipelines, not libraries, once per
 // kMaxPipelineShapes new shapes. Counted per call shape (forward and backward apart).
 constexpr size_t kMaxPipelineShapes = 64;
-using PipelineShape = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int, bool, float>;
+using PipelineShape = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, bool, float>;  // B R C Hq Hk D
 std::set<PipelineShape> g_pipeline_shapes;
 
 // Evicts ccv's pipelines when `shape` would be one too many. Waits for the stream first, so
@@ -158,7 +158,7 @@ void encode(const mfa_sdpa::Shape& s, mfa_sdpa::DType dtype, float scale, bool b
               "metal_flash_sdpa: this GPU is not supported by MFA (needs Apple7 or newer)");
   at::mps::MPSStream* stream = at::mps::getCurrentMPSStream();
   TORCH_CHECK(stream != nullptr, "metal_flash_sdpa: no current MPS stream");
-  admit_pipeline_shape(context, stream, {s.B, s.R, s.C, s.Hq, s.D, int(dtype), backward, scale});
+  admit_pipeline_shape(context, stream, {s.B, s.R, s.C, s.Hq, s.Hk, s.D, int(dtype), backward, scale});
   ccv_call("building the MFA kernels", [&] { ccv_nnc_mfa_prepare_attention(context, params); });
   on_stream(stream, "encoding the MFA kernels", [&] {
     id<MTLComputeCommandEncoder> encoder = stream->commandEncoder();
@@ -178,8 +178,10 @@ mfa_sdpa::DType dtype_of(at::ScalarType type) {
       return mfa_sdpa::DType::Float32;
     case at::kHalf:
       return mfa_sdpa::DType::Float16;
+    case at::kBFloat16:
+      return mfa_sdpa::DType::BFloat16;
     default:
-      TORCH_CHECK(false, "metal_flash_sdpa: MFA serves float32 and float16, got ", type);
+      TORCH_CHECK(false, "metal_flash_sdpa: MFA serves float32, float16 and bfloat16, got ", type);
   }
   return mfa_sdpa::DType::Float32;
 }

@@ -16,7 +16,7 @@
 
 namespace mfa_sdpa {
 
-enum class DType : std::uint8_t { Float32, Float16 };
+enum class DType : std::uint8_t { Float32, Float16, BFloat16 };
 
 // q [B, R, Hq, D]; k and v [B, C, Hk, D]; the layout ccv's encode reads.
 struct Shape {
@@ -42,25 +42,32 @@ constexpr std::int64_t kMaxElements = 0xFFFFFFFFll;
 // The end of ccv's parameter tables (v2/AttentionDescriptor.cpp).
 constexpr std::int64_t kMaxHeadDim = 384;
 
-inline bool is_half(DType dtype) { return dtype == DType::Float16; }
+// 2-byte elements (fp16, bf16): outputs go through fp32 scratch and a cast (patch 0005 for bf16).
+inline bool is_half(DType dtype) { return dtype == DType::Float16 || dtype == DType::BFloat16; }
 
 inline std::uint64_t mtl_data_type(DType dtype) {
-  return is_half(dtype) ? std::uint64_t(MTL::DataTypeHalf) : std::uint64_t(MTL::DataTypeFloat);
+  switch (dtype) {
+    case DType::Float16: return std::uint64_t(MTL::DataTypeHalf);
+    case DType::BFloat16: return std::uint64_t(MTL::DataTypeBFloat);
+    default: return std::uint64_t(MTL::DataTypeFloat);
+  }
 }
 
 // Bytes of ccv's one scratch buffer the encode requests: fp32 copies of half outputs
 // before their cast, and the backward's fp32 D term (the forward's LSE is ours).
 inline std::uint64_t scratch_bytes(const Shape& s, DType dtype, bool backward) {
-  const std::uint64_t B = s.B, R = s.R, C = s.C, H = s.Hq, D = s.D;
+  const std::uint64_t B = s.B, R = s.R, C = s.C, H = s.Hq, Hk = s.Hk, D = s.D;
   if (!backward) return is_half(dtype) ? 4 * R * D * H * B : 0;
-  return (is_half(dtype) ? 4 * (R + 2 * C) * D * H * B : 0) + 4 * R * H * B;
+  // dQ with Hq heads, dK and dV with Hk (our patch 0006)
+  return (is_half(dtype) ? 4 * (R * H + 2 * C * Hk) * D * B : 0) + 4 * R * H * B;
 }
 
 // Empty when the pinned ccv computes this call correctly, else why not. Mirrors
 // MFAKernel.supports(); re-checked here because a wrong answer would be silent.
 inline std::string check_limits(const Shape& s, DType dtype, bool backward) {
   if (s.B < 1 || s.R < 1 || s.C < 1 || s.Hq < 1 || s.Hk < 1 || s.D < 1) return "empty attention";
-  if (s.Hq != s.Hk) return "grouped-query attention is not served at this ccv pin";
+  // Grouped-query attention (our patch 0006): query head h reads key/value head h / (Hq / Hk).
+  if (s.Hq % s.Hk != 0) return "query heads are not a multiple of key/value heads";
   if (s.D > kMaxHeadDim || s.D % 8 != 0) return "head dim " + std::to_string(s.D) + " is outside MFA's tables";
   if (s.Hq * s.D > kMaxLeadingDimension || s.Hk * s.D > kMaxLeadingDimension)
     return "heads x head dim " + std::to_string(s.Hq * s.D) + " exceeds MFA's 16-bit leading dimension";
@@ -82,7 +89,8 @@ inline ccv_nnc_mfa_attention_params_t make_params(const Shape& s, DType dtype, f
   p.Hk = std::uint32_t(s.Hk);
   p.D = std::uint32_t(s.D);
   p.alpha = scale;
-  // fp32 intermediates and LSE for half inputs too (lowPrecisionIntermediates = half && !upcast)
+  // fp32 intermediates and LSE for half inputs too (lowPrecisionIntermediates = half && !upcast;
+  // bf16 has fp32 intermediates either way)
   p.upcast = 1;
   p.type = backward ? 1 : 0;
   // batch_dims_q is zero-terminated; one entry of B is the whole batch.

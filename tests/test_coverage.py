@@ -53,6 +53,7 @@ def test_table_rows():
     assert mfa_yes == {
         "float32, no mask",
         "float16, no mask",
+        "bfloat16, no mask",
         "float16, head dim 32",
         "float16, head dim 128",
         "float16, head dim 256",
@@ -60,6 +61,7 @@ def test_table_rows():
         "float16, 1 x 32 heads x 32768 tokens, head dim 128",
         "float16, no mask, long sequence",
         "float16, 3-D input [H, L, D]",
+        "float16, GQA, no mask",
     }
     assert rows["float16, 1 x 32 heads x 32768 tokens, head dim 128"][3].startswith("no: call needs more than 1 GiB")
     # the rung column names how far the kernels of a served row were verified, and only there

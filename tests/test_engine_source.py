@@ -301,10 +301,10 @@ def test_cli_prints_every_kernel(driver):
     assert "__asm" not in out  # the CLI's default is macOS 26
 
 
-def test_cli_refuses_bf16_with_exit_2_and_one_line(driver):
-    code, out, err = cli("source", "--dtype", "bf16", "--q-len", "97", "--kv-len", "130", "--head-dim", "64")
+def test_cli_refuses_with_exit_2_and_one_line(driver):
+    code, out, err = cli("source", "--dtype", "fp16", "--q-len", "97", "--kv-len", "130", "--head-dim", "64", "--causal")
     assert code == 2 and out == ""
-    assert len(err) == 1 and err[0].startswith("mfa_engine: refused:") and "bfloat16" in err[0], err
+    assert len(err) == 1 and err[0].startswith("mfa_engine: refused:") and "is_causal" in err[0], err
 
 
 def test_cli_exits_3_when_the_engine_cannot_run(driver, tmp_path):

@@ -44,15 +44,16 @@ ACCEPTED = {
     "head dim 384": call(head_dim=384, value_dim=384),
     "batch 1, one head": call(batch=1, q_heads=1, kv_heads=1),
     "short": call(q_len=1, kv_len=1),
+    "bf16": call(dtype=torch.bfloat16, needs_grad=True),
+    "gqa": call(kv_heads=2, needs_grad=True),
+    "mqa": call(kv_heads=1, needs_grad=True),
 }
 
 REFUSED = {
-    "bf16": (call(dtype=torch.bfloat16), "dtype bfloat16"),
     "fp64": (call(dtype=torch.float64), "dtype float64"),
     "head dim 512": (call(head_dim=512, value_dim=512), "head dim 512"),
     "head dim 72+1": (call(head_dim=73, value_dim=73), "head dim 73"),
     "value dim differs": (call(value_dim=128), "value head dim"),
-    "gqa": (call(kv_heads=2), "grouped-query"),
     "causal square": (call(causal=True), "is_causal not supported"),
     "causal square with grad": (call(causal=True, needs_grad=True), "is_causal not supported"),
     "causal rectangular": (call(causal=True, q_len=256), "is_causal"),
@@ -158,11 +159,11 @@ def test_refuses_with_reason(name):
 def test_capabilities_are_data():
     kernel = MFAKernel()
     assert kernel.layout == "BSHD"
-    assert kernel.dtypes == {torch.float32, torch.float16}
+    assert kernel.dtypes == {torch.float32, torch.float16, torch.bfloat16}
     assert kernel.max_head_dim == 384 and kernel.head_dim_multiple == 8
     assert kernel.causal_forward is None and kernel.causal_backward is None
     assert not kernel.mask_forward and not kernel.mask_backward and not kernel.mask_per_head
-    assert not kernel.supports_gqa and not kernel.supports_value_dim_differs
+    assert kernel.supports_gqa and not kernel.supports_value_dim_differs
     assert set(kernel.tolerances) == set(kernel.dtypes)
     for atol, rtol in kernel.tolerances.values():
         assert 0 < atol < 1 and 0 < rtol < 1

@@ -134,6 +134,27 @@ def test_three_d_inputs(mfa_patch):
     _close(out, _reference(q, k, v)[0], torch.float16, "out")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["gqa", "mqa"])
+def test_grouped_query_attention(mfa_patch, dtype, kv_heads):
+    """K/V with fewer heads, enable_gqa=True: against math SDPA on K/V expanded as PyTorch
+    expands them (repeat_interleave); dK/dV come back with the key/value head count."""
+    q, _, _ = _inputs(2, 8, 300, 300, 64, dtype, requires_grad=True, seed=5)
+    _, k, v = _inputs(2, kv_heads, 300, 300, 64, dtype, requires_grad=True, seed=6)
+    out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    assert metal_flash_sdpa.get_dispatch_count() == 1
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to("mps", dtype)
+    out.backward(grad_out)
+    assert k.grad.shape == k.shape and v.grad.shape == v.shape
+    group = 8 // kv_heads
+    k_all, v_all = (t.detach().repeat_interleave(group, dim=1).requires_grad_() for t in (k, v))
+    expected, (dq, dk_all, dv_all) = _reference(q, k_all, v_all, grad_out)
+    dk, dv = (g.unflatten(1, (kv_heads, group)).sum(2) for g in (dk_all, dv_all))
+    _close(out, expected, dtype, "out")
+    for actual, ref, name in ((q.grad, dq, "dq"), (k.grad, dk, "dk"), (v.grad, dv, "dv")):
+        _close(actual, ref, dtype, name)
+
+
 def test_kernel_called_directly():
     q, k, v = _inputs(1, 2, 256, 256, 64, torch.float32, requires_grad=False, layout="BSHD")
     out, lse = KERNEL.forward(q, k, v, 0.125, False, None)
@@ -150,10 +171,10 @@ def test_kernel_called_directly():
     [
         (dict(is_causal=True), torch.float16),
         (dict(attn_mask="additive"), torch.float16),
-        (dict(enable_gqa=True), torch.float16),
-        ({}, torch.bfloat16),
+        (dict(enable_gqa=True, is_causal=True), torch.float16),
+        (dict(attn_mask="additive"), torch.bfloat16),
     ],
-    ids=["causal", "mask", "gqa", "bf16"],
+    ids=["causal", "mask", "gqa causal", "bf16 mask"],
 )
 def test_refused_calls_fall_back(mfa_patch, kwargs, dtype):
     kv_heads = 2 if kwargs.get("enable_gqa") else 4
@@ -191,8 +212,8 @@ def test_bad_input_raises_instead_of_reaching_ccv():
         native.attention_forward(q, k, v, out, lse.half(), 0.1)
     with pytest.raises(RuntimeError):
         native.attention_forward(q.cpu(), k, v, out, lse, 0.1)
-    with pytest.raises(RuntimeError, match="float32 and float16"):
-        native.attention_forward(q.bfloat16(), k.bfloat16(), v.bfloat16(), out.bfloat16(), lse, 0.1)
+    with pytest.raises(RuntimeError, match="float32, float16 and bfloat16"):
+        native.attention_forward(q.double(), k.double(), v.double(), out.double(), lse, 0.1)
 
 
 def test_backward_on_another_thread(mfa_patch):

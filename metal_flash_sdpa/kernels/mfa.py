@@ -1,15 +1,15 @@
 """The Metal FlashAttention kernel: ccv's MFA v2, through the native bridge ``_mfa_native``.
 
-What it serves is exactly what the pinned ccv (``subprojects/ccv.wrap``) runs on its
-runtime-generated v2 path, forward and backward:
+What it serves is exactly what the pinned ccv (``subprojects/ccv.wrap``) with our patch
+series runs on its runtime-generated v2 path, forward and backward, as verified by the CPU
+executor (``tools/engine``; ``verified_rung``):
 
-- float32 and float16 (the pinned encode recognises only ``MTLDataTypeFloat`` and
-  ``MTLDataTypeHalf``; bfloat16 would be read as float32);
+- float32, float16 and bfloat16 (bfloat16: patch 0005; half outputs go through fp32 scratch
+  and one rounding cast, intermediates and LSE in float32);
 - head dims up to 384 (the end of its parameter tables), multiples of 8, the same for
   query/key and value;
-- as many key/value heads as query heads: grouped-query attention, like any mask, goes
-  to ccv's older precompiled v1 kernels, which have neither a backward nor the
-  log-sum-exp the backward needs;
+- grouped-query attention with query heads a multiple of key/value heads, MQA included
+  (patch 0006: K/V are read per group, never expanded; dK/dV summed inside the kernel);
 - no ``is_causal`` and no ``attn_mask`` (v2 has no causal or mask code at this commit);
 - heads x head dim under 65536 and tensors under 2**32 elements (16-bit leading
   dimensions, 32-bit offsets: ccv would compute wrong results beyond, silently);
@@ -66,15 +66,14 @@ def _load_native():
 
 def scratch_bytes(call: Call) -> int:
     """Bytes of ccv's shared scratch buffer the call needs (forward, or backward if
-    ``call.needs_grad``): fp32 copies of half outputs before their cast, and the
-    backward's fp32 D term."""
-    half = call.dtype == torch.float16
-    rows = call.batch * call.q_heads * call.head_dim
-    forward = 4 * call.q_len * rows if half else 0
+    ``call.needs_grad``): fp32 copies of 16-bit outputs before their cast, and the
+    backward's fp32 D term (as ``scratch_bytes`` in native/mfa_params.hpp)."""
+    cast = call.dtype != torch.float32
+    q_rows, kv_rows = call.batch * call.q_heads * call.q_len, call.batch * call.kv_heads * call.kv_len
+    forward = 4 * q_rows * call.head_dim if cast else 0
     if not call.needs_grad:
         return forward
-    backward = (4 * (call.q_len + 2 * call.kv_len) * rows if half else 0) + 4 * call.q_len * call.batch * call.q_heads
-    return max(forward, backward)
+    return max(forward, (4 * (q_rows + 2 * kv_rows) * call.head_dim if cast else 0) + 4 * q_rows)
 
 
 class MFAKernel(Kernel):
@@ -82,11 +81,11 @@ class MFAKernel(Kernel):
     # Q/O are read and written as [B, S, H, D] (leading dimension H * D), so a model's
     # x.view(B, S, H, D).transpose(1, 2) reaches the kernel without a copy.
     layout = "BSHD"
-    dtypes = frozenset({torch.float32, torch.float16})
+    dtypes = frozenset({torch.float32, torch.float16, torch.bfloat16})
     max_head_dim = 384
     head_dim_multiple = 8
     supports_value_dim_differs = False
-    supports_gqa = False
+    supports_gqa = True
     causal_forward = None
     causal_backward = None
     mask_forward = False
@@ -104,12 +103,16 @@ class MFAKernel(Kernel):
     tolerances = {
         torch.float32: (7e-6, 7e-6),
         torch.float16: (1.5e-3, 1.5e-3),
+        # bfloat16 x Apple7/Apple9 x macOS 15/26 x D 32-256 x ragged lengths, B=2, H=3:
+        # worst 2.4e-3 (dQ, D=152; PyTorch's own bfloat16 math is 1.9e-3 from float64
+        # there), 4x that, rounded up.
+        torch.bfloat16: (1e-2, 1e-2),
     }
     # The highest rung of the verification ladder (DESIGN section 10; README "How the kernel
     # side is verified") that the kernels of each served dtype reached, forward and backward:
     # 4 = the emitted Metal, encoded as the bridge encodes it, executed on the CPU against
     # PyTorch (tests/test_engine_execute.py). None has run on a Mac (rung 5).
-    verified_rung = {torch.float32: 4, torch.float16: 4}
+    verified_rung = {torch.float32: 4, torch.float16: 4, torch.bfloat16: 4}
 
     def available(self) -> Optional[str]:
         if sys.platform != "darwin":

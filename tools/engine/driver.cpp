@@ -66,6 +66,7 @@ Options parse(int argc, char** argv) {
       const std::string v = value();
       if (v == "fp32") o.dtype = mfa_sdpa::DType::Float32;
       else if (v == "fp16") o.dtype = mfa_sdpa::DType::Float16;
+      else if (v == "bf16") o.dtype = mfa_sdpa::DType::BFloat16;  // our patch 0005
       else usage("dtype " + v + " is not served at this ccv pin");
     } else if (a == "--batch") {
       o.shape.B = std::atoll(value().c_str());

@@ -34,7 +34,7 @@ ALIGN = 16
 # 0xFF bytes are NaN as float32, float16 and bfloat16 alike.
 POISON = 0xFF
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 INPUTS = ("q", "k", "v", "do")
 OUTPUTS = ("out", "lse", "dq", "dk", "dv")
 BUFFER_OF = {"out": "o"}  # the record names the output buffer "o"
@@ -44,6 +44,7 @@ BUFFER_OF = {"out": "o"}  # the record names the output buffer "o"
 # Over the MFA_ENGINE_FULL=1 matrix the worst |err| / (1 + |ref|) was 2.0e-7 (Apple9,
 # D=384); this is 4x that, rounded up.
 LSE_TOLERANCE = (1e-6, 1e-6)
+
 
 
 # MTL::DataType of a function constant value -> the Metal type it must be declared as.
@@ -301,9 +302,11 @@ def reference(call: encode.Call, inputs: dict, scale: Optional[float] = None) ->
     like the kernel's tensors; lse [B, H, R]."""
     scale = default_scale(call) if scale is None else scale
     q, k, v = (inputs[n].double().transpose(1, 2).requires_grad_(call.grad) for n in ("q", "k", "v"))
-    out, _ = torch.ops.aten._scaled_dot_product_attention_math(q, k, v, scale=scale)
+    gqa = call.hk != call.heads  # query head h uses key/value head h // (heads / hk); dk, dv sum a group
+    out, _ = torch.ops.aten._scaled_dot_product_attention_math(q, k, v, scale=scale, enable_gqa=gqa)
     with torch.no_grad():
-        lse = torch.logsumexp((q @ k.transpose(-1, -2)) * scale, dim=-1) / math.log(2)
+        keys = k.repeat_interleave(call.heads // call.hk, dim=1)
+        lse = torch.logsumexp((q @ keys.transpose(-1, -2)) * scale, dim=-1) / math.log(2)
     result = {"out": out.detach().transpose(1, 2), "lse": lse}
     if call.grad:
         dq, dk, dv = torch.autograd.grad(out, (q, k, v), inputs["do"].double().transpose(1, 2))
@@ -319,7 +322,8 @@ def tolerances(call: encode.Call) -> dict:
     import metal_flash_sdpa  # noqa: F401  (before the submodule: see README)
     from metal_flash_sdpa.kernels.mfa import MFAKernel
 
-    promised = MFAKernel.tolerances[DTYPES[call.dtype]]
+    dtype = DTYPES[call.dtype]
+    promised = MFAKernel.tolerances[dtype]
     names = OUTPUTS if call.grad else OUTPUTS[:2]
     return {name: LSE_TOLERANCE if name == "lse" else promised for name in names}
 
@@ -356,11 +360,14 @@ def compare(execution: Execution, expected: dict, tolerance: dict) -> Comparison
     return Comparison(max_abs, max_rel, used, dict(tolerance))
 
 
-def run(call: encode.Call, seed: int = 0, offset: int = 0, schedule: str = "round_robin", edit=None) -> dict:
+def run(
+    call: encode.Call, seed: int = 0, offset: int = 0, schedule: str = "round_robin", edit=None, check_refusal: bool = True
+) -> dict:
     """Encode ``call``, execute it on seeded random inputs, compare with float64 PyTorch; the
-    result as `python tools/mfa_engine.py run` prints it. Raises encode.Refused."""
+    result as `python tools/mfa_engine.py run` prints it. Raises encode.Refused.
+    ``check_refusal=False`` skips MFAKernel.supports() (kernels verified before declared)."""
     started = time.perf_counter()
-    record = encode.encode(call, "--offset", str(offset))
+    record = encode.encode(call, "--offset", str(offset), check_refusal=check_refusal)
     inputs = random_inputs(call, seed)
     execution = execute(record, inputs, offset=offset, schedule=schedule, edit=edit)
     comparison = compare(execution, reference(call, inputs), tolerances(call))
