@@ -99,7 +99,7 @@ ccv_nnc_mfa_context_t* context_locked() {
 // executor verifies; a bound costs re-making pipelines, not libraries, once per
 // kMaxPipelineShapes new shapes. Counted per call shape (forward and backward apart).
 constexpr size_t kMaxPipelineShapes = 64;
-using PipelineShape = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, bool, float>;  // B R C Hq Hk D
+using PipelineShape = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, bool, float, bool>;  // B R C Hq Hk D dtype backward scale causal
 std::set<PipelineShape> g_pipeline_shapes;
 
 // Evicts ccv's pipelines when `shape` would be one too many. Waits for the stream first, so
@@ -150,15 +150,15 @@ struct Bindings {
 // encoder, as PyTorch's own custom-kernel example does (test/cpp_extensions/mps_extension.mm).
 // Kernels and pipelines are built before (prepare), so the encode only reads ccv's caches.
 // Nothing is committed here: PyTorch commits the command buffer when its own ops would.
-void encode(const mfa_sdpa::Shape& s, mfa_sdpa::DType dtype, float scale, bool backward, Bindings& bindings) {
-  const ccv_nnc_mfa_attention_params_t params = mfa_sdpa::make_params(s, dtype, scale, backward);
+void encode(const mfa_sdpa::Shape& s, mfa_sdpa::DType dtype, float scale, bool backward, bool causal, Bindings& bindings) {
+  const ccv_nnc_mfa_attention_params_t params = mfa_sdpa::make_params(s, dtype, scale, backward, causal);
   std::lock_guard<std::mutex> lock(g_mutex);
   ccv_nnc_mfa_context_t* context = context_locked();
   TORCH_CHECK(ccv_nnc_mfa_context_supported(context),
               "metal_flash_sdpa: this GPU is not supported by MFA (needs Apple7 or newer)");
   at::mps::MPSStream* stream = at::mps::getCurrentMPSStream();
   TORCH_CHECK(stream != nullptr, "metal_flash_sdpa: no current MPS stream");
-  admit_pipeline_shape(context, stream, {s.B, s.R, s.C, s.Hq, s.Hk, s.D, int(dtype), backward, scale});
+  admit_pipeline_shape(context, stream, {s.B, s.R, s.C, s.Hq, s.Hk, s.D, int(dtype), backward, scale, causal});
   ccv_call("building the MFA kernels", [&] { ccv_nnc_mfa_prepare_attention(context, params); });
   on_stream(stream, "encoding the MFA kernels", [&] {
     id<MTLComputeCommandEncoder> encoder = stream->commandEncoder();
@@ -218,8 +218,9 @@ mfa_sdpa::Shape check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Te
 }  // namespace
 
 // out [B, R, H, D] (q's dtype), lse [B, H, R] float32: preallocated by the caller.
+// causal: torch's is_causal, top-left (query i attends keys j <= i; patch 0007).
 void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const at::Tensor& out, const at::Tensor& lse, double scale) {
+                       const at::Tensor& out, const at::Tensor& lse, double scale, bool causal) {
   const mfa_sdpa::Shape s = check_qkv(q, k, v, false);
   check_tensor(out, "out", q, q.scalar_type());
   check_shape(out, "out", {s.B, s.R, s.Hq, s.D});
@@ -232,7 +233,7 @@ void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   bindings.bind(mfa_sdpa::kFwdV, v);
   bindings.bind(mfa_sdpa::kFwdO, out);
   bindings.bind(mfa_sdpa::kFwdLSE, lse);  // ours, so ccv allocates no LSE scratch
-  encode(s, dtype_of(q.scalar_type()), float(scale), false, bindings);
+  encode(s, dtype_of(q.scalar_type()), float(scale), false, causal, bindings);
 }
 
 // grad_out, dq [B, R, H, D]; dk, dv [B, C, H, D]; out and lse as attention_forward wrote
@@ -241,7 +242,8 @@ void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 // settings are process-wide, and a pipeline eviction between the two drops no data.
 void attention_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const at::Tensor& out, const at::Tensor& lse, const at::Tensor& grad_out,
-                        const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, double scale) {
+                        const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, double scale,
+                        bool causal) {
   const mfa_sdpa::Shape s = check_qkv(q, k, v, true);
   const auto dtype = q.scalar_type();
   check_tensor(out, "out", q, dtype);
@@ -267,7 +269,7 @@ void attention_backward(const at::Tensor& q, const at::Tensor& k, const at::Tens
   bindings.bind(mfa_sdpa::kBwdDQ, dq);
   bindings.bind(mfa_sdpa::kBwdDK, dk);
   bindings.bind(mfa_sdpa::kBwdDV, dv);
-  encode(s, dtype_of(dtype), float(scale), true, bindings);
+  encode(s, dtype_of(dtype), float(scale), true, causal, bindings);
 }
 
 // Whether ccv's MFA runs on this GPU (Apple7 family or newer); creates the context.
@@ -280,12 +282,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Metal FlashAttention (ccv MFA v2) encoded on PyTorch's MPS stream";
   m.def("attention_forward", &attention_forward,
         "Writes out and lse (log2-sum-exp, float32 [B, H, R]) for q [B, R, H, D], k and v [B, C, H, D].",
-        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("scale"),
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("scale"), py::arg("causal"),
         py::call_guard<py::gil_scoped_release>());
   m.def("attention_backward", &attention_backward,
         "Writes dq, dk, dv from the forward's out and lse.",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("grad_out"),
-        py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("scale"),
+        py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("scale"), py::arg("causal"),
         py::call_guard<py::gil_scoped_release>());
   m.def("device_supported", &device_supported, py::call_guard<py::gil_scoped_release>());
   m.attr("CCV_COMMIT") = "85efcf823fdb459559f21726703b863da2b378f2";

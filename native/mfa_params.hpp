@@ -78,8 +78,9 @@ inline std::string check_limits(const Shape& s, DType dtype, bool backward) {
   return "";
 }
 
-// ccv's params for the forward (backward = false) or the backward (dQ, then dK/dV).
-inline ccv_nnc_mfa_attention_params_t make_params(const Shape& s, DType dtype, float scale, bool backward) {
+// ccv's params for the forward (backward = false) or the backward (dQ, then dK/dV);
+// causal: torch's is_causal, top-left (query i attends keys j <= i; our patch 0007).
+inline ccv_nnc_mfa_attention_params_t make_params(const Shape& s, DType dtype, float scale, bool backward, bool causal) {
   ccv_nnc_mfa_attention_params_t p;
   std::memset(&p, 0, sizeof(p));  // also: no transposes, no mask, batch_dims_mask empty
   p.data_type = mtl_data_type(dtype);
@@ -93,6 +94,7 @@ inline ccv_nnc_mfa_attention_params_t make_params(const Shape& s, DType dtype, f
   // bf16 has fp32 intermediates either way)
   p.upcast = 1;
   p.type = backward ? 1 : 0;
+  p.causal = causal ? 1 : 0;
   // batch_dims_q is zero-terminated; one entry of B is the whole batch.
   p.batched = s.B > 1 ? 1 : 0;
   if (s.B > 1) p.batch_dims_q[0] = std::uint32_t(s.B);

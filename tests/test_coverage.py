@@ -62,6 +62,9 @@ def test_table_rows():
         "float16, no mask, long sequence",
         "float16, 3-D input [H, L, D]",
         "float16, GQA, no mask",
+        "float16, causal, Sq == Sk",
+        "float16, causal, Sq < Sk",
+        "float16, GQA, causal",
     }
     assert rows["float16, 1 x 32 heads x 32768 tokens, head dim 128"][3].startswith("no: call needs more than 1 GiB")
     # the rung column names how far the kernels of a served row were verified, and only there

@@ -302,9 +302,9 @@ def test_cli_prints_every_kernel(driver):
 
 
 def test_cli_refuses_with_exit_2_and_one_line(driver):
-    code, out, err = cli("source", "--dtype", "fp16", "--q-len", "97", "--kv-len", "130", "--head-dim", "64", "--causal")
+    code, out, err = cli("source", "--dtype", "fp16", "--q-len", "97", "--kv-len", "130", "--head-dim", "64", "--mask", "additive")
     assert code == 2 and out == ""
-    assert len(err) == 1 and err[0].startswith("mfa_engine: refused:") and "is_causal" in err[0], err
+    assert len(err) == 1 and err[0].startswith("mfa_engine: refused:") and "attn_mask" in err[0], err
 
 
 def test_cli_exits_3_when_the_engine_cannot_run(driver, tmp_path):

@@ -47,6 +47,12 @@ ACCEPTED = {
     "bf16": call(dtype=torch.bfloat16, needs_grad=True),
     "gqa": call(kv_heads=2, needs_grad=True),
     "mqa": call(kv_heads=1, needs_grad=True),
+    # is_causal, top-left (patch 0007), any lengths, forward and backward, GQA and bf16 too
+    "causal square": call(causal=True),
+    "causal square with grad": call(causal=True, needs_grad=True),
+    "causal fewer queries": call(causal=True, q_len=256, needs_grad=True),
+    "causal more queries": call(causal=True, q_len=2048, kv_len=100, needs_grad=True),
+    "causal gqa bf16": call(causal=True, dtype=torch.bfloat16, kv_heads=2, needs_grad=True),
 }
 
 REFUSED = {
@@ -54,9 +60,6 @@ REFUSED = {
     "head dim 512": (call(head_dim=512, value_dim=512), "head dim 512"),
     "head dim 72+1": (call(head_dim=73, value_dim=73), "head dim 73"),
     "value dim differs": (call(value_dim=128), "value head dim"),
-    "causal square": (call(causal=True), "is_causal not supported"),
-    "causal square with grad": (call(causal=True, needs_grad=True), "is_causal not supported"),
-    "causal rectangular": (call(causal=True, q_len=256), "is_causal"),
     "additive mask": (call(mask="additive"), "attn_mask not supported"),
     "bool mask": (call(mask="bool"), "attn_mask not supported"),
     "mask with grad": (call(mask="additive", needs_grad=True), "attn_mask not supported by mfa with grad"),
@@ -161,7 +164,7 @@ def test_capabilities_are_data():
     assert kernel.layout == "BSHD"
     assert kernel.dtypes == {torch.float32, torch.float16, torch.bfloat16}
     assert kernel.max_head_dim == 384 and kernel.head_dim_multiple == 8
-    assert kernel.causal_forward is None and kernel.causal_backward is None
+    assert kernel.causal_forward == "any" and kernel.causal_backward == "any"
     assert not kernel.mask_forward and not kernel.mask_backward and not kernel.mask_per_head
     assert kernel.supports_gqa and not kernel.supports_value_dim_differs
     assert set(kernel.tolerances) == set(kernel.dtypes)

@@ -10,7 +10,10 @@ executor (``tools/engine``; ``verified_rung``):
   query/key and value;
 - grouped-query attention with query heads a multiple of key/value heads, MQA included
   (patch 0006: K/V are read per group, never expanded; dK/dV summed inside the kernel);
-- no ``is_causal`` and no ``attn_mask`` (v2 has no causal or mask code at this commit);
+- ``is_causal`` (PyTorch's top-left alignment, any query and key lengths), forward and
+  backward (patch 0007: tiles above the diagonal skipped by loop bounds, the diagonal
+  tiles masked);
+- no ``attn_mask`` (v2 has no mask code at this commit);
 - heads x head dim under 65536 and tensors under 2**32 elements (16-bit leading
   dimensions, 32-bit offsets: ccv would compute wrong results beyond, silently);
 - a call whose fp32 scratch would pass 1 GiB (ccv's scratch sizing breaks beyond it).
@@ -86,8 +89,8 @@ class MFAKernel(Kernel):
     head_dim_multiple = 8
     supports_value_dim_differs = False
     supports_gqa = True
-    causal_forward = None
-    causal_backward = None
+    causal_forward = "any"  # patch 0007, top-left as is_causal; tests/test_engine_causal.py
+    causal_backward = "any"
     mask_forward = False
     mask_backward = False
     mask_per_head = False
@@ -142,19 +145,19 @@ class MFAKernel(Kernel):
         return None
 
     def forward(self, q, k, v, scale: float, causal: bool, mask):
-        if causal or mask is not None:
-            raise ValueError(f"{self.name} has no is_causal or attn_mask; supports() refuses such calls")
+        if mask is not None:
+            raise ValueError(f"{self.name} has no attn_mask; supports() refuses such calls")
         native = _require_native()
         batch, heads, q_len, _ = q.shape
         # logical [B, H, S, D] views of [B, S, H, D] memory (the op layer's contract)
         out = torch.empty((batch, q_len, heads, v.shape[-1]), dtype=q.dtype, device=q.device)
         lse = torch.empty((batch, heads, q_len), dtype=torch.float32, device=q.device)
-        native.attention_forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), out, lse, float(scale))
+        native.attention_forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), out, lse, float(scale), bool(causal))
         return out.transpose(1, 2), lse
 
     def backward(self, grad_out, q, k, v, out, lse, scale: float, causal: bool, mask):
-        if causal or mask is not None:
-            raise ValueError(f"{self.name} has no is_causal or attn_mask backward; supports() refuses such calls")
+        if mask is not None:
+            raise ValueError(f"{self.name} has no attn_mask backward; supports() refuses such calls")
         native = _require_native()
         dq, dk, dv = (_empty_bshd(t) for t in (q, k, v))
         native.attention_backward(
@@ -168,6 +171,7 @@ class MFAKernel(Kernel):
             dk,
             dv,
             float(scale),
+            bool(causal),
         )
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 

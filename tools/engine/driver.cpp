@@ -5,7 +5,7 @@
 // CPU executions.
 //
 //   driver --dtype fp16 --batch B --heads H --kv-heads HK --q-len R --kv-len C --head-dim D
-//          [--grad] [--gpu apple7|apple9] [--macos N] [--scale S] [--offset BYTES]
+//          [--grad] [--causal] [--gpu apple7|apple9] [--macos N] [--scale S] [--offset BYTES]
 //          [--async-copies auto|on|off] [--fault empty-library|nil-pipeline|no-memory]
 //          [--no-prepare]
 //
@@ -34,6 +34,7 @@ struct Options {
   mfa_sdpa::Shape shape{1, 1, 1, 1, 1, 64};
   mfa_sdpa::DType dtype = mfa_sdpa::DType::Float32;
   bool grad = false;
+  bool causal = false;  // torch's is_causal (top-left)
   double scale = 0;  // 0: 1/sqrt(D), as SDPA's default
   std::uint64_t offset = 0;
   std::string async_copies = "auto";  // auto, on, off
@@ -58,7 +59,9 @@ Options parse(int argc, char** argv) {
       if (i + 1 >= argc) usage("missing value for " + a);
       return argv[++i];
     };
-    if (a == "--grad") {
+    if (a == "--causal") {
+      o.causal = true;
+    } else if (a == "--grad") {
       o.grad = true;
     } else if (a == "--no-prepare") {
       o.prepare = false;
@@ -216,12 +219,12 @@ int run(const Options& o) {
          v = tensor("v", kv_elements, es, o.offset), out = tensor("o", q_elements, es, o.offset),
          lse = tensor("lse", lse_elements, 4, o.offset);
   Tensor forward[mfa_sdpa::kForwardBuffers] = {q, k, v, out, {nullptr, 0}, lse};
-  encode(o.prepare, context, mfa_sdpa::make_params(s, o.dtype, float(o.scale), false), forward, mfa_sdpa::kForwardBuffers);
+  encode(o.prepare, context, mfa_sdpa::make_params(s, o.dtype, float(o.scale), false, o.causal), forward, mfa_sdpa::kForwardBuffers);
   if (o.grad) {
     Tensor dout = tensor("do", q_elements, es, o.offset), dq = tensor("dq", q_elements, es, o.offset),
            dk = tensor("dk", kv_elements, es, o.offset), dv = tensor("dv", kv_elements, es, o.offset);
     Tensor backward[mfa_sdpa::kBackwardBuffers] = {q, k, v, out, lse, dout, dq, dk, dv};
-    encode(o.prepare, context, mfa_sdpa::make_params(s, o.dtype, float(o.scale), true), backward, mfa_sdpa::kBackwardBuffers);
+    encode(o.prepare, context, mfa_sdpa::make_params(s, o.dtype, float(o.scale), true, o.causal), backward, mfa_sdpa::kBackwardBuffers);
   }
   std::fputs(mfa_engine::to_json(mfa_engine::record()).c_str(), stdout);
   return mfa_engine::record().errors.empty() ? 0 : 4;

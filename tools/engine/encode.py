@@ -39,7 +39,7 @@ class Call:
         args = ["--dtype", self.dtype, "--batch", str(self.batch), "--heads", str(self.heads)]
         args += ["--kv-heads", str(self.hk), "--q-len", str(self.q_len), "--kv-len", str(self.kv_len)]
         args += ["--head-dim", str(self.head_dim), "--gpu", self.gpu, "--macos", str(self.macos)]
-        return args + (["--grad"] if self.grad else [])
+        return args + (["--grad"] if self.grad else []) + (["--causal"] if self.causal else [])
 
 
 class Refused(Exception):

@@ -303,10 +303,14 @@ def reference(call: encode.Call, inputs: dict, scale: Optional[float] = None) ->
     scale = default_scale(call) if scale is None else scale
     q, k, v = (inputs[n].double().transpose(1, 2).requires_grad_(call.grad) for n in ("q", "k", "v"))
     gqa = call.hk != call.heads  # query head h uses key/value head h // (heads / hk); dk, dv sum a group
-    out, _ = torch.ops.aten._scaled_dot_product_attention_math(q, k, v, scale=scale, enable_gqa=gqa)
+    out, _ = torch.ops.aten._scaled_dot_product_attention_math(q, k, v, scale=scale, is_causal=call.causal, enable_gqa=gqa)
     with torch.no_grad():
         keys = k.repeat_interleave(call.heads // call.hk, dim=1)
-        lse = torch.logsumexp((q @ keys.transpose(-1, -2)) * scale, dim=-1) / math.log(2)
+        scores = (q @ keys.transpose(-1, -2)) * scale
+        if call.causal:  # top-left, as is_causal: query i attends keys j <= i
+            allowed = torch.ones(call.q_len, call.kv_len, dtype=torch.bool).tril()
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1) / math.log(2)
     result = {"out": out.detach().transpose(1, 2), "lse": lse}
     if call.grad:
         dq, dk, dv = torch.autograd.grad(out, (q, k, v), inputs["do"].double().transpose(1, 2))
