@@ -221,13 +221,13 @@ def test_bad_input_raises_instead_of_reaching_ccv():
     out = torch.empty_like(q)
     lse = torch.empty(1, 2, 64, device="mps")
     with pytest.raises(RuntimeError, match="contiguous"):
-        native.attention_forward(q.transpose(1, 2), k, v, out, lse, 0.1)  # q not contiguous
+        native.attention_forward(q.transpose(1, 2), k, v, out, lse, 0.1, False)  # q not contiguous
     with pytest.raises(RuntimeError, match="lse must be"):
-        native.attention_forward(q, k, v, out, lse.half(), 0.1)
+        native.attention_forward(q, k, v, out, lse.half(), 0.1, False)
     with pytest.raises(RuntimeError):
-        native.attention_forward(q.cpu(), k, v, out, lse, 0.1)
+        native.attention_forward(q.cpu(), k, v, out, lse, 0.1, False)
     with pytest.raises(RuntimeError, match="float32, float16 and bfloat16"):
-        native.attention_forward(q.double(), k.double(), v.double(), out.double(), lse, 0.1)
+        native.attention_forward(q.double(), k.double(), v.double(), out.double(), lse, 0.1, False)
 
 
 def test_backward_on_another_thread(mfa_patch):
