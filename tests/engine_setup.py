@@ -1,6 +1,7 @@
 """The MFA engine (tools/engine), for the tests that build or run it."""
 
 import contextlib
+import dataclasses
 import os
 import sys
 
@@ -10,7 +11,9 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO / "tools"))
 
-from engine import build  # noqa: E402
+from engine import build, encode  # noqa: E402
+
+_CALL_FIELDS = {field.name for field in dataclasses.fields(encode.Call)}
 
 
 @contextlib.contextmanager
@@ -23,3 +26,16 @@ def engine_required(what="the MFA engine"):
         if os.environ.get("MFA_ENGINE_REQUIRED") == "1":
             pytest.fail(f"MFA_ENGINE_REQUIRED=1 but {what} cannot be built here: {missing}")
         pytest.skip(f"{what} cannot be built here: {missing}")
+
+
+def engine_call(case, **fixed) -> encode.Call:
+    """The encode.Call of a test matrix case: its fields that name Call fields, plus ``fixed``."""
+    fields = {f.name: getattr(case, f.name) for f in dataclasses.fields(case) if f.name in _CALL_FIELDS}
+    return encode.Call(**{**fields, **fixed})
+
+
+def call_id(call: encode.Call) -> str:
+    """A test id naming everything that selects a kernel and its edges."""
+    text = f"{call.gpu}-{call.dtype}-d{call.head_dim}-h{call.heads}k{call.hk}-r{call.q_len}-c{call.kv_len}"
+    text += f"-b{call.batch}-macos{call.macos}" + ("-causal" if call.causal else "")
+    return text + ("" if call.grad else "-forward")

@@ -17,7 +17,7 @@ import os
 import pytest
 import torch
 
-from engine_setup import engine_required  # puts tools/ on sys.path
+from engine_setup import call_id, engine_call, engine_required  # puts tools/ on sys.path
 
 from engine import build, encode, execute  # noqa: E402  (after engine_setup)
 
@@ -34,13 +34,10 @@ class Case:
     kv_len: int
 
     def call(self) -> encode.Call:
-        return encode.Call(
-            dtype="bf16", batch=2, heads=3, q_len=self.q_len, kv_len=self.kv_len, head_dim=self.head_dim,
-            grad=True, gpu=self.gpu, macos=self.macos,
-        )
+        return engine_call(self, dtype="bf16", batch=2, heads=3, grad=True)
 
     def __str__(self):
-        return f"{self.gpu}-macos{self.macos}-d{self.head_dim}-r{self.q_len}-c{self.kv_len}"
+        return call_id(self.call())
 
 
 # Both families and macOS modes; cached and uncached accumulators (Apple7 from D=64 on),

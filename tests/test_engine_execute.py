@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from engine_setup import engine_required  # puts tools/ on sys.path
+from engine_setup import call_id, engine_call, engine_required  # puts tools/ on sys.path
 
 from engine import build, encode, execute  # noqa: E402  (after engine_setup)
 
@@ -53,26 +53,14 @@ class Case:
     grad: bool = True
 
     def call(self) -> encode.Call:
-        return encode.Call(
-            dtype=self.dtype,
-            batch=self.batch,
-            heads=self.heads,
-            q_len=self.q_len,
-            kv_len=self.kv_len,
-            head_dim=self.head_dim,
-            grad=self.grad,
-            gpu=self.gpu,
-            macos=self.macos,
-        )
+        return engine_call(self)
 
     def flags(self) -> list:
         """The `python tools/mfa_engine.py run` flags of this case."""
         return self.call().driver_args() + ["--schedule", self.schedule, "--offset", str(self.offset)]
 
     def __str__(self):
-        text = f"{self.gpu}-{self.dtype}-d{self.head_dim}-r{self.q_len}-c{self.kv_len}-b{self.batch}h{self.heads}"
-        text += f"-{self.schedule}-macos{self.macos}" + (f"-at{self.offset}" if self.offset else "")
-        return text + ("" if self.grad else "-forward")
+        return f"{call_id(self.call())}-{self.schedule}" + (f"-at{self.offset}" if self.offset else "")
 
 
 # The largest head dim of each row of each family's tables (forward, backward-query and

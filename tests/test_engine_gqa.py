@@ -16,7 +16,7 @@ import dataclasses
 
 import pytest
 
-from engine_setup import engine_required  # puts tools/ on sys.path
+from engine_setup import call_id, engine_call, engine_required  # puts tools/ on sys.path
 
 from engine import build, encode, execute  # noqa: E402  (after engine_setup)
 
@@ -36,24 +36,10 @@ class Case:
     macos: int = 26
 
     def call(self) -> encode.Call:
-        return encode.Call(
-            dtype=self.dtype,
-            batch=self.batch,
-            heads=self.heads,
-            kv_heads=self.kv_heads,
-            q_len=self.q_len,
-            kv_len=self.kv_len,
-            head_dim=self.head_dim,
-            grad=True,
-            gpu=self.gpu,
-            macos=self.macos,
-        )
+        return engine_call(self, grad=True)
 
     def __str__(self):
-        return (
-            f"{self.gpu}-{self.dtype}-d{self.head_dim}-h{self.heads}k{self.kv_heads}"
-            f"-r{self.q_len}-c{self.kv_len}-b{self.batch}-macos{self.macos}"
-        )
+        return call_id(self.call())
 
 
 # ratio = heads / kv_heads. Every ratio (1, 2, 4, 8, and Hk = 1) and head dim appears, each
