@@ -91,6 +91,19 @@ def _additive_mask(s, m):
     return q, k, v, dict(attn_mask=m.randn(s.batch, 1, s.length, s.length))
 
 
+def _per_head_mask(s, m):
+    # ALiBi: a bias per query head, -slope_h * |i - j|, with grouped-query K/V
+    q = m.randn(s.batch, s.heads, s.length, s.head_dim)
+    k, v = (m.randn(s.batch, s.kv_heads, s.length, s.head_dim) for _ in range(2))
+    if m.device.type == "meta":
+        bias = torch.empty(1, s.heads, s.length, s.length, dtype=m.dtype, device="meta")
+    else:
+        slopes = 2.0 ** -torch.arange(1.0, s.heads + 1)
+        distance = (torch.arange(s.length)[:, None] - torch.arange(s.length)).abs()
+        bias = (-slopes[:, None, None] * distance).unsqueeze(0).to(m.device, m.dtype)
+    return q, k, v, dict(attn_mask=bias, enable_gqa=True)
+
+
 def _padding_causal_mask(s, m):
     q, k, v = (m.randn(s.batch, s.heads, s.length, s.head_dim) for _ in range(3))
     return q, k, v, dict(attn_mask=m.to_device(padding_causal_mask(s.batch, s.length)))
@@ -131,6 +144,7 @@ PATTERNS = (
     Pattern("bool mask [L, S]", _bool_mask),
     Pattern("additive mask [B, 1, L, S]", _additive_mask),
     Pattern("causal+padding bool mask [B, 1, L, S]", _padding_causal_mask),
+    Pattern("GQA, per-head ALiBi mask [1, H, L, S]", _per_head_mask),
     Pattern("no mask, long sequence", _long),
     Pattern("3-D input [H, L, D]", _three_dims),
     Pattern("value dim != head dim", _value_dim_differs),

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <exception>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <tuple>
@@ -99,7 +100,8 @@ ccv_nnc_mfa_context_t* context_locked() {
 // executor verifies; a bound costs re-making pipelines, not libraries, once per
 // kMaxPipelineShapes new shapes. Counted per call shape (forward and backward apart).
 constexpr size_t kMaxPipelineShapes = 64;
-using PipelineShape = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, bool, float, bool>;  // B R C Hq Hk D dtype backward scale causal
+// B R C Hq Hk D dtype backward scale causal, and the mask's strides (-1: no mask)
+using PipelineShape = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, bool, float, bool, int64_t, int64_t, int64_t>;
 std::set<PipelineShape> g_pipeline_shapes;
 
 // Evicts ccv's pipelines when `shape` would be one too many. Waits for the stream first, so
@@ -150,15 +152,20 @@ struct Bindings {
 // encoder, as PyTorch's own custom-kernel example does (test/cpp_extensions/mps_extension.mm).
 // Kernels and pipelines are built before (prepare), so the encode only reads ccv's caches.
 // Nothing is committed here: PyTorch commits the command buffer when its own ops would.
-void encode(const mfa_sdpa::Shape& s, mfa_sdpa::DType dtype, float scale, bool backward, bool causal, Bindings& bindings) {
-  const ccv_nnc_mfa_attention_params_t params = mfa_sdpa::make_params(s, dtype, scale, backward, causal);
+void encode(const mfa_sdpa::Shape& s, mfa_sdpa::DType dtype, float scale, bool backward, bool causal,
+            const std::optional<mfa_sdpa::MaskStrides>& mask, Bindings& bindings) {
+  const ccv_nnc_mfa_attention_params_t params =
+      mfa_sdpa::make_params(s, dtype, scale, backward, causal, mask ? &*mask : nullptr);
   std::lock_guard<std::mutex> lock(g_mutex);
   ccv_nnc_mfa_context_t* context = context_locked();
   TORCH_CHECK(ccv_nnc_mfa_context_supported(context),
               "metal_flash_sdpa: this GPU is not supported by MFA (needs Apple7 or newer)");
   at::mps::MPSStream* stream = at::mps::getCurrentMPSStream();
   TORCH_CHECK(stream != nullptr, "metal_flash_sdpa: no current MPS stream");
-  admit_pipeline_shape(context, stream, {s.B, s.R, s.C, s.Hq, s.Hk, s.D, int(dtype), backward, scale, causal});
+  const mfa_sdpa::MaskStrides no_mask{-1, -1, -1};
+  const mfa_sdpa::MaskStrides& m = mask ? *mask : no_mask;
+  admit_pipeline_shape(context, stream,
+                       {s.B, s.R, s.C, s.Hq, s.Hk, s.D, int(dtype), backward, scale, causal, m.batch, m.head, m.row});
   ccv_call("building the MFA kernels", [&] { ccv_nnc_mfa_prepare_attention(context, params); });
   on_stream(stream, "encoding the MFA kernels", [&] {
     id<MTLComputeCommandEncoder> encoder = stream->commandEncoder();
@@ -199,8 +206,33 @@ void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected
   TORCH_CHECK(t.sizes() == expected, "metal_flash_sdpa: ", name, " must have shape ", expected, ", got ", t.sizes());
 }
 
+// The attention mask as the op layer hands it (kernels/mfa.py, keys_contiguous): additive in
+// q's dtype, [Bm, Hm, R, C] with Bm in (1, B) and Hm in (1, Hq), keys contiguous, other
+// dims at any stride (0 where it broadcasts, so expanded views are read in place). Its
+// strides as the kernels read them (our patch 0008); none without a mask.
+std::optional<mfa_sdpa::MaskStrides> check_mask(const std::optional<at::Tensor>& mask, const at::Tensor& q,
+                                                const mfa_sdpa::Shape& s) {
+  if (!mask.has_value()) {
+    return std::nullopt;
+  }
+  const at::Tensor& m = *mask;
+  TORCH_CHECK(m.defined() && m.dim() == 4, "metal_flash_sdpa: mask must be 4-D [batch, heads, q_len, kv_len]");
+  TORCH_CHECK(m.device() == q.device(), "metal_flash_sdpa: mask is on ", m.device(), ", query on ", q.device());
+  TORCH_CHECK(m.scalar_type() == q.scalar_type(), "metal_flash_sdpa: mask must be ", q.scalar_type(), ", got ",
+              m.scalar_type());
+  TORCH_CHECK((m.size(0) == 1 || m.size(0) == s.B) && (m.size(1) == 1 || m.size(1) == s.Hq) && m.size(2) == s.R &&
+                  m.size(3) == s.C,
+              "metal_flash_sdpa: mask of shape ", m.sizes(), " does not broadcast to [", s.B, ", ", s.Hq, ", ", s.R,
+              ", ", s.C, "]");
+  TORCH_CHECK(m.stride(3) == 1 || s.C == 1, "metal_flash_sdpa: mask keys must be contiguous");
+  TORCH_CHECK(m.storage().data() != nullptr, "metal_flash_sdpa: mask has no storage");
+  auto stride = [&](int dim) { return m.size(dim) == 1 ? int64_t(0) : m.stride(dim); };
+  return mfa_sdpa::MaskStrides{stride(0), stride(1), stride(2)};
+}
+
 // q [B, R, Hq, D], k and v [B, C, Hk, D], within what the pinned ccv computes correctly.
-mfa_sdpa::Shape check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool backward) {
+mfa_sdpa::Shape check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool backward,
+                          const std::optional<at::Tensor>& mask, std::optional<mfa_sdpa::MaskStrides>& strides) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
               "metal_flash_sdpa: q, k, v must be 4-D [batch, seq, heads, head_dim]");
   const mfa_sdpa::Shape s{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
@@ -210,7 +242,8 @@ mfa_sdpa::Shape check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Te
   check_tensor(v, "v", q, dtype);
   check_shape(k, "k", {s.B, s.C, s.Hk, s.D});
   check_shape(v, "v", {s.B, s.C, s.Hk, s.D});
-  const std::string refused = mfa_sdpa::check_limits(s, dtype_of(dtype), backward);
+  strides = check_mask(mask, q, s);
+  const std::string refused = mfa_sdpa::check_limits(s, dtype_of(dtype), backward, strides ? &*strides : nullptr);
   TORCH_CHECK(refused.empty(), "metal_flash_sdpa: MFA refuses this call: ", refused);
   return s;
 }
@@ -219,9 +252,12 @@ mfa_sdpa::Shape check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Te
 
 // out [B, R, H, D] (q's dtype), lse [B, H, R] float32: preallocated by the caller.
 // causal: torch's is_causal, top-left (query i attends keys j <= i; patch 0007).
+// mask: an additive attention mask (check_mask; patch 0008), or None.
 void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const at::Tensor& out, const at::Tensor& lse, double scale, bool causal) {
-  const mfa_sdpa::Shape s = check_qkv(q, k, v, false);
+                       const at::Tensor& out, const at::Tensor& lse, double scale, bool causal,
+                       const std::optional<at::Tensor>& mask) {
+  std::optional<mfa_sdpa::MaskStrides> strides;
+  const mfa_sdpa::Shape s = check_qkv(q, k, v, false, mask, strides);
   check_tensor(out, "out", q, q.scalar_type());
   check_shape(out, "out", {s.B, s.R, s.Hq, s.D});
   check_tensor(lse, "lse", q, at::kFloat);
@@ -233,7 +269,8 @@ void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   bindings.bind(mfa_sdpa::kFwdV, v);
   bindings.bind(mfa_sdpa::kFwdO, out);
   bindings.bind(mfa_sdpa::kFwdLSE, lse);  // ours, so ccv allocates no LSE scratch
-  encode(s, dtype_of(q.scalar_type()), float(scale), false, causal, bindings);
+  if (mask) bindings.bind(mfa_sdpa::kFwdMask, *mask);
+  encode(s, dtype_of(q.scalar_type()), float(scale), false, causal, strides, bindings);
 }
 
 // grad_out, dq [B, R, H, D]; dk, dv [B, C, H, D]; out and lse as attention_forward wrote
@@ -243,8 +280,9 @@ void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 void attention_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const at::Tensor& out, const at::Tensor& lse, const at::Tensor& grad_out,
                         const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, double scale,
-                        bool causal) {
-  const mfa_sdpa::Shape s = check_qkv(q, k, v, true);
+                        bool causal, const std::optional<at::Tensor>& mask) {
+  std::optional<mfa_sdpa::MaskStrides> strides;
+  const mfa_sdpa::Shape s = check_qkv(q, k, v, true, mask, strides);
   const auto dtype = q.scalar_type();
   check_tensor(out, "out", q, dtype);
   check_shape(out, "out", {s.B, s.R, s.Hq, s.D});
@@ -269,7 +307,8 @@ void attention_backward(const at::Tensor& q, const at::Tensor& k, const at::Tens
   bindings.bind(mfa_sdpa::kBwdDQ, dq);
   bindings.bind(mfa_sdpa::kBwdDK, dk);
   bindings.bind(mfa_sdpa::kBwdDV, dv);
-  encode(s, dtype_of(dtype), float(scale), true, causal, bindings);
+  if (mask) bindings.bind(mfa_sdpa::kBwdMask, *mask);
+  encode(s, dtype_of(dtype), float(scale), true, causal, strides, bindings);
 }
 
 // Whether ccv's MFA runs on this GPU (Apple7 family or newer); creates the context.
@@ -281,14 +320,15 @@ bool device_supported() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Metal FlashAttention (ccv MFA v2) encoded on PyTorch's MPS stream";
   m.def("attention_forward", &attention_forward,
-        "Writes out and lse (log2-sum-exp, float32 [B, H, R]) for q [B, R, H, D], k and v [B, C, H, D].",
+        "Writes out and lse (float32 [B, H, R]: log2-sum-exp of the scaled scores; with a mask, in natural "
+        "units) for q [B, R, H, D], k and v [B, C, H, D], and an optional additive mask [B or 1, H or 1, R, C].",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("scale"), py::arg("causal"),
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("mask") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("attention_backward", &attention_backward,
         "Writes dq, dk, dv from the forward's out and lse.",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("grad_out"),
         py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("scale"), py::arg("causal"),
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("mask") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("device_supported", &device_supported, py::call_guard<py::gil_scoped_release>());
   m.attr("CCV_COMMIT") = "85efcf823fdb459559f21726703b863da2b378f2";
 }

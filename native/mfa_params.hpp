@@ -25,7 +25,8 @@ struct Shape {
 
 // Buffer order of ccv_nnc_mfa_encode_attention (ccv_nnc_mfa_attention.cpp).
 enum ForwardBuffer { kFwdQ, kFwdK, kFwdV, kFwdO, kFwdMask, kFwdLSE, kForwardBuffers };
-enum BackwardBuffer { kBwdQ, kBwdK, kBwdV, kBwdO, kBwdLSE, kBwdDO, kBwdDQ, kBwdDK, kBwdDV, kBackwardBuffers };
+// The attention mask: the forward's own slot; after dV in the backward (our patch 0008).
+enum BackwardBuffer { kBwdQ, kBwdK, kBwdV, kBwdO, kBwdLSE, kBwdDO, kBwdDQ, kBwdDK, kBwdDV, kBwdMask, kBackwardBuffers };
 
 // ccv's scratch request rounds the size up with `1 << n` on an int
 // (ccv_nnc_mfa.cpp, mfa::context::request_scratch), and the encode sums it in an int:
@@ -41,6 +42,17 @@ constexpr std::int64_t kMaxLeadingDimension = 0xFFFF;
 constexpr std::int64_t kMaxElements = 0xFFFFFFFFll;
 // The end of ccv's parameter tables (v2/AttentionDescriptor.cpp).
 constexpr std::int64_t kMaxHeadDim = 384;
+
+// An additive attention mask in q's dtype (our patch 0008): element (b, h, i, j) at
+// b * batch + h * head + i * row + j; a stride is 0 where the mask broadcasts.
+struct MaskStrides {
+  std::int64_t batch, head, row;
+};
+
+// Elements from the mask's first to its last, the span its strides reach.
+inline std::int64_t mask_span(const Shape& s, const MaskStrides& m) {
+  return (s.B - 1) * m.batch + (s.Hq - 1) * m.head + (s.R - 1) * m.row + s.C;
+}
 
 // 2-byte elements (fp16, bf16): outputs go through fp32 scratch and a cast (patch 0005 for bf16).
 inline bool is_half(DType dtype) { return dtype == DType::Float16 || dtype == DType::BFloat16; }
@@ -64,7 +76,7 @@ inline std::uint64_t scratch_bytes(const Shape& s, DType dtype, bool backward) {
 
 // Empty when the pinned ccv computes this call correctly, else why not. Mirrors
 // MFAKernel.supports(); re-checked here because a wrong answer would be silent.
-inline std::string check_limits(const Shape& s, DType dtype, bool backward) {
+inline std::string check_limits(const Shape& s, DType dtype, bool backward, const MaskStrides* mask = nullptr) {
   if (s.B < 1 || s.R < 1 || s.C < 1 || s.Hq < 1 || s.Hk < 1 || s.D < 1) return "empty attention";
   // Grouped-query attention (our patch 0006): query head h reads key/value head h / (Hq / Hk).
   if (s.Hq % s.Hk != 0) return "query heads are not a multiple of key/value heads";
@@ -73,14 +85,20 @@ inline std::string check_limits(const Shape& s, DType dtype, bool backward) {
     return "heads x head dim " + std::to_string(s.Hq * s.D) + " exceeds MFA's 16-bit leading dimension";
   if (s.B * s.R * s.Hq * s.D > kMaxElements || s.B * s.C * s.Hk * s.D > kMaxElements)
     return "a tensor of 2^32 or more elements exceeds MFA's 32-bit offsets";
+  if (mask && (mask->batch < 0 || mask->head < 0 || mask->row < 0)) return "negative mask strides";
+  // The kernels offset the mask by uint products of strides and indices (patch 0008).
+  if (mask && mask_span(s, *mask) > kMaxElements)
+    return "a mask spanning 2^32 or more elements exceeds MFA's 32-bit offsets";
   if (scratch_bytes(s, dtype, backward) > kMaxScratchBytes)
     return "call needs " + std::to_string(scratch_bytes(s, dtype, backward)) + " bytes of MFA scratch (limit 2^30)";
   return "";
 }
 
 // ccv's params for the forward (backward = false) or the backward (dQ, then dK/dV);
-// causal: torch's is_causal, top-left (query i attends keys j <= i; our patch 0007).
-inline ccv_nnc_mfa_attention_params_t make_params(const Shape& s, DType dtype, float scale, bool backward, bool causal) {
+// causal: torch's is_causal, top-left (query i attends keys j <= i; our patch 0007);
+// mask: an additive mask's strides, or none (our patch 0008).
+inline ccv_nnc_mfa_attention_params_t make_params(const Shape& s, DType dtype, float scale, bool backward, bool causal,
+                                                  const MaskStrides* mask = nullptr) {
   ccv_nnc_mfa_attention_params_t p;
   std::memset(&p, 0, sizeof(p));  // also: no transposes, no mask, batch_dims_mask empty
   p.data_type = mtl_data_type(dtype);
@@ -95,6 +113,12 @@ inline ccv_nnc_mfa_attention_params_t make_params(const Shape& s, DType dtype, f
   p.upcast = 1;
   p.type = backward ? 1 : 0;
   p.causal = causal ? 1 : 0;
+  if (mask) {
+    p.masked = 1;
+    p.mask_strides[0] = std::uint32_t(mask->batch);
+    p.mask_strides[1] = std::uint32_t(mask->head);
+    p.mask_strides[2] = std::uint32_t(mask->row);
+  }
   // batch_dims_q is zero-terminated; one entry of B is the whole batch.
   p.batched = s.B > 1 ? 1 : 0;
   if (s.B > 1) p.batch_dims_q[0] = std::uint32_t(s.B);

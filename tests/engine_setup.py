@@ -34,8 +34,32 @@ def engine_call(case, **fixed) -> encode.Call:
     return encode.Call(**{**fields, **fixed})
 
 
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """A case of an engine test matrix: where the kernels run, the lengths, the heads; a test
+    file adds the fields of its feature (they must name encode.Call fields too)."""
+
+    gpu: str
+    dtype: str
+    q_len: int
+    kv_len: int
+    heads: int = 2
+    kv_heads: int = 2
+    head_dim: int = 64
+    batch: int = 2
+    macos: int = 26
+
+    def call(self, **fixed) -> encode.Call:
+        """The call with grad, and ``fixed``."""
+        return engine_call(self, **{"grad": True, **fixed})
+
+    def __str__(self):
+        return call_id(self.call())
+
+
 def call_id(call: encode.Call) -> str:
     """A test id naming everything that selects a kernel and its edges."""
     text = f"{call.gpu}-{call.dtype}-d{call.head_dim}-h{call.heads}k{call.hk}-r{call.q_len}-c{call.kv_len}"
     text += f"-b{call.batch}-macos{call.macos}" + ("-causal" if call.causal else "")
+    text += "" if call.mask == "none" else f"-{call.mask}-{call.mask_shape}"
     return text + ("" if call.grad else "-forward")

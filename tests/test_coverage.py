@@ -65,6 +65,10 @@ def test_table_rows():
         "float16, causal, Sq == Sk",
         "float16, causal, Sq < Sk",
         "float16, GQA, causal",
+        "float16, bool mask [L, S]",
+        "float16, additive mask [B, 1, L, S]",
+        "float16, causal+padding bool mask [B, 1, L, S]",
+        "float16, GQA, per-head ALiBi mask [1, H, L, S]",
     }
     assert rows["float16, 1 x 32 heads x 32768 tokens, head dim 128"][3].startswith("no: call needs more than 1 GiB")
     # the rung column names how far the kernels of a served row were verified, and only there

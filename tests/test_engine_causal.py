@@ -15,34 +15,19 @@ forward's O not divided by l on a shortened loop) fail. The work skipped is meas
 the executor's multiply-accumulate counter.
 """
 
-import dataclasses
-
 import pytest
 
-from engine_setup import call_id, engine_call, engine_required  # puts tools/ on sys.path
+import engine_setup
+from engine_setup import engine_required  # puts tools/ on sys.path
 
 from engine import build, encode, execute  # noqa: E402  (after engine_setup)
 
 KERNELS = ("attention_forward", "attention_backward_query", "attention_backward_key_value")
 
 
-@dataclasses.dataclass(frozen=True)
-class Case:
-    gpu: str
-    dtype: str
-    q_len: int
-    kv_len: int
-    heads: int = 2
-    kv_heads: int = 2
-    head_dim: int = 64
-    batch: int = 2
-    macos: int = 26
-
+class Case(engine_setup.Case):
     def call(self, causal: bool = True) -> encode.Call:
-        return engine_call(self, causal=causal, grad=True)
-
-    def __str__(self):
-        return call_id(self.call())
+        return super().call(causal=causal)
 
 
 # Every dtype with Sq == Sk, Sq < Sk and Sq > Sk; every family with each dtype; GQA (ratio 2)

@@ -302,7 +302,9 @@ def test_cli_prints_every_kernel(driver):
 
 
 def test_cli_refuses_with_exit_2_and_one_line(driver):
-    code, out, err = cli("source", "--dtype", "fp16", "--q-len", "97", "--kv-len", "130", "--head-dim", "64", "--mask", "additive")
+    # is_causal with attn_mask: PyTorch raises, and MFAKernel.supports() refuses it too
+    args = ("--q-len", "97", "--kv-len", "130", "--head-dim", "64", "--mask", "additive", "--causal")
+    code, out, err = cli("source", "--dtype", "fp16", *args)
     assert code == 2 and out == ""
     assert len(err) == 1 and err[0].startswith("mfa_engine: refused:") and "attn_mask" in err[0], err
 

@@ -3,10 +3,9 @@
 ``MFACapabilityKernel`` computes like the reference kernel (on the CPU) but carries
 ``MFAKernel``'s capability data and answers ``supports()`` with ``MFAKernel.supports`` itself,
 so which SDPA calls of a real model reach the kernel is decided here exactly as it is on a
-Mac. Nothing in this file restates what MFA serves: every expected dispatch or fallback is
-``MFAKernel``'s own verdict on the call the dispatcher saw, read at run time. The steps that
-fall back today (``is_causal``, ``attn_mask``: issue #11) therefore turn, with no edit here,
-into steps that must dispatch every call and match PyTorch once ``MFAKernel`` declares them.
+Mac. The verdicts are ``MFAKernel``'s own, read at run time; since it declares ``is_causal``
+and ``attn_mask`` (patches 0007 and 0008, issue #11), every SDPA call of these steps must
+dispatch.
 
 Issue requirements covered (also in the test ids):
 
@@ -18,9 +17,8 @@ Issue requirements covered (also in the test ids):
   attention (``self_attn.is_causal = False``, as encoders built from decoders do): K/V at the
   key/value head count, ``enable_gqa=True``. Those must all dispatch today.
 - #11 item 6: the same models unpadded (``is_causal=True``) and left/right padded (a 4-D bool
-  mask ``[B, 1, L, L]``), and diffusers' Flux transformer forward: every call at or above
-  MIN_SEQ_LEN dispatches once MFA declares causal and masks; until then the causal and masked
-  calls fall back with MFA's own reason, and only for the missing feature.
+  mask ``[B, 1, L, L]`` with rows that attend to nothing), and diffusers' Flux transformer
+  forward: every call at or above MIN_SEQ_LEN dispatches, and the step matches PyTorch's.
 
 Numbers: the low-precision step is judged as ``python -m metal_flash_sdpa check`` judges a
 single call (``check.compare``): within ``MFAKernel.tolerances[dtype]`` of PyTorch's step in
@@ -264,17 +262,8 @@ def test_training_step_dispatches_as_mfa_declares(kernel, transformers, model_na
             assert call.mask is None and call.causal == causal_layers
             assert call.kv_heads == config.num_key_value_heads
 
-    if not padded and not causal_layers:
-        # #10 item 5: bfloat16 / float16 grouped-query attention, unmasked: every call dispatches
-        assert verdicts == [None] * LAYERS, verdicts
-    else:
-        # #11 item 6: every call dispatches once MFA declares causal / masks; until then each
-        # falls back with MFA's reason, and for that feature only: the same call without
-        # is_causal and mask is one MFA serves.
-        assert len(set(verdicts)) == 1, verdicts  # the layers' calls are alike
-        for call, verdict in kernel.decisions:
-            if verdict is not None:
-                assert mfa_verdict(call._replace(causal=False, mask=None, mask_per_head=False)) is None, verdict
+    # #10 item 5 (unmasked GQA) and #11 item 6 (is_causal, padding masks): every call dispatches
+    assert verdicts == [None] * LAYERS, verdicts
 
     with metal_flash_sdpa.disabled():
         theirs = training_step(model, inputs)

@@ -53,6 +53,11 @@ ACCEPTED = {
     "causal fewer queries": call(causal=True, q_len=256, needs_grad=True),
     "causal more queries": call(causal=True, q_len=2048, kv_len=100, needs_grad=True),
     "causal gqa bf16": call(causal=True, dtype=torch.bfloat16, kv_heads=2, needs_grad=True),
+    # attn_mask (patch 0008), bool or additive, shared or per head, forward and backward
+    "additive mask": call(mask="additive"),
+    "bool mask with grad": call(mask="bool", needs_grad=True),
+    "per-head mask with grad, gqa": call(mask="additive", mask_per_head=True, kv_heads=2, needs_grad=True),
+    "mask bf16 cross attention": call(mask="bool", dtype=torch.bfloat16, q_len=300, kv_len=1000, needs_grad=True),
 }
 
 REFUSED = {
@@ -60,10 +65,7 @@ REFUSED = {
     "head dim 512": (call(head_dim=512, value_dim=512), "head dim 512"),
     "head dim 72+1": (call(head_dim=73, value_dim=73), "head dim 73"),
     "value dim differs": (call(value_dim=128), "value head dim"),
-    "additive mask": (call(mask="additive"), "attn_mask not supported"),
-    "bool mask": (call(mask="bool"), "attn_mask not supported"),
-    "mask with grad": (call(mask="additive", needs_grad=True), "attn_mask not supported by mfa with grad"),
-    "per-head mask": (call(mask="additive", mask_per_head=True), "attn_mask"),
+    "mask with causal": (call(mask="bool", causal=True), "is_causal with attn_mask"),
     "empty query": (call(q_len=0), "empty"),
     "empty keys": (call(kv_len=0), "empty"),
     "too many heads": (call(q_heads=70000, kv_heads=70000, q_len=1, kv_len=1), "16-bit leading dimension"),
@@ -90,6 +92,12 @@ BOUNDARIES = {
     "query elements": (edge(q_len=2**29 - 1), edge(q_len=2**29), "32-bit offsets"),
     "key elements": (edge(kv_len=2**29 - 1), edge(kv_len=2**29), "32-bit offsets"),
     "elements over the batch": (edge(batch=2, q_len=2**28 - 1), edge(batch=2, q_len=2**28), "32-bit offsets"),
+    # a per-head mask's elements, 65536 x 65535 < 2^32 <= 65536 x 65536
+    "mask elements": (
+        edge(mask="additive", mask_per_head=True, q_len=2**16, kv_len=2**16 - 1),
+        edge(mask="additive", mask_per_head=True, q_len=2**16, kv_len=2**16),
+        "32-bit offsets",
+    ),
     "fp32 backward scratch": (edge(needs_grad=True, q_len=2**28), edge(needs_grad=True, q_len=2**28 + 1), "scratch"),
     "fp16 forward scratch": (edge(dtype=torch.float16, q_len=2**25), edge(dtype=torch.float16, q_len=2**25 + 1), "scratch"),
     # 36 * q_len + 64 bytes: fp32 dQ, dK, dV at head dim 8 and the D term
@@ -134,6 +142,8 @@ def engine_call(encode, c):
         head_dim=c.head_dim,
         grad=c.needs_grad,
         macos=15,
+        mask="none" if c.mask is None else c.mask,
+        mask_shape="BHLS" if c.mask_per_head else "B1LS",
     )
 
 
@@ -165,7 +175,7 @@ def test_capabilities_are_data():
     assert kernel.dtypes == {torch.float32, torch.float16, torch.bfloat16}
     assert kernel.max_head_dim == 384 and kernel.head_dim_multiple == 8
     assert kernel.causal_forward == "any" and kernel.causal_backward == "any"
-    assert not kernel.mask_forward and not kernel.mask_backward and not kernel.mask_per_head
+    assert kernel.mask_forward and kernel.mask_backward and kernel.mask_per_head
     assert kernel.supports_gqa and not kernel.supports_value_dim_differs
     assert set(kernel.tolerances) == set(kernel.dtypes)
     for atol, rtol in kernel.tolerances.values():

@@ -185,22 +185,59 @@ def test_kernel_called_directly():
     torch.testing.assert_close(lse, torch.logsumexp(scores, dim=-1) / torch.log(torch.tensor(2.0)), atol=1e-4, rtol=1e-4)
 
 
+def _mask(kind, shape, batch, heads, q_len, kv_len, dtype, seed):
+    """An attn_mask as models pass them: bool (True = attend) with left padding per batch
+    and query rows without any key, or additive (ALiBi-like) with -inf holes; shaped
+    [L, S], [B, 1, L, S], [B, H, L, S] or [B, 1, 1, S] (broadcast over the rows)."""
+    gen = torch.Generator().manual_seed(seed)
+    dims = {"LS": (q_len, kv_len), "B1LS": (batch, 1, q_len, kv_len), "BHLS": (batch, heads, q_len, kv_len)}
+    dims["B11S"] = (batch, 1, 1, kv_len)
+    keep = torch.rand(dims[shape], generator=gen) > 0.2
+    keep[..., : kv_len // 3] = False  # padding
+    if shape != "B11S":
+        keep[..., 1::5, :] = False  # rows without any key: PyTorch gives 0
+        keep[..., 0, :] = True
+    if kind == "bool":
+        return keep.to("mps")
+    rows = torch.arange(keep.shape[-2]).view(-1, 1)
+    bias = -0.05 * (rows - torch.arange(kv_len)).abs() + torch.randn(keep.shape, generator=gen)
+    return bias.masked_fill(~keep, float("-inf")).to("mps", dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
-    "kwargs, dtype",
-    [
-        (dict(attn_mask="additive"), torch.float16),
-        (dict(attn_mask="additive"), torch.bfloat16),
-    ],
-    ids=["mask", "bf16 mask"],
+    "kind, shape",
+    [("bool", "B1LS"), ("bool", "B11S"), ("additive", "LS"), ("additive", "BHLS")],
+    ids=["bool-padding", "bool-broadcast-rows", "additive-shared", "additive-per-head"],
 )
-def test_refused_calls_fall_back(mfa_patch, kwargs, dtype):
-    q, k, v = (torch.randn(1, 4, 256, 64, device="mps", dtype=dtype) for _ in range(3))
-    if kwargs.get("attn_mask") == "additive":
-        kwargs = dict(attn_mask=torch.randn(256, 256, device="mps", dtype=dtype))
-    out = F.scaled_dot_product_attention(q, k, v, **kwargs)
+def test_attention_mask(mfa_patch, dtype, kind, shape):
+    """attn_mask (patch 0008), forward and gradients, GQA, against math SDPA in float32 on
+    the same values and the same mask; rows without any key give 0 and zero gradients."""
+    q, _, _ = _inputs(2, 4, 300, 257, 64, dtype, requires_grad=True, seed=10)
+    _, k, v = _inputs(2, 2, 300, 257, 64, dtype, requires_grad=True, seed=11)
+    mask = _mask(kind, shape, 2, 4, 300, 257, dtype, seed=12)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert metal_flash_sdpa.get_dispatch_count() == 1
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(13)).to("mps", dtype)
+    out.backward(grad_out)
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    mask32 = mask if kind == "bool" else mask.float()
+    with metal_flash_sdpa.disabled(), sdpa_kernel(SDPBackend.MATH):
+        expected = F.scaled_dot_product_attention(q32, k32, v32, attn_mask=mask32, enable_gqa=True)
+    expected.backward(grad_out.float())
+    _close(out, expected, dtype, "out")
+    for actual, ref, name in ((q.grad, q32.grad, "dq"), (k.grad, k32.grad, "dk"), (v.grad, v32.grad, "dv")):
+        _close(actual, ref, dtype, name)
+    assert torch.isfinite(out).all() and all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_refused_calls_fall_back(mfa_patch):
+    q, k, v = (torch.randn(1, 4, 256, 64, device="mps", dtype=torch.float16) for _ in range(3))
+    v = torch.randn(1, 4, 256, 32, device="mps", dtype=torch.float16)  # value dim != head dim
+    out = F.scaled_dot_product_attention(q, k, v)
     assert metal_flash_sdpa.get_dispatch_count() == 0
     with metal_flash_sdpa.disabled():
-        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, **kwargs))
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
 
 
 def test_dispatch_counter(mfa_patch):
@@ -228,6 +265,12 @@ def test_bad_input_raises_instead_of_reaching_ccv():
         native.attention_forward(q.cpu(), k, v, out, lse, 0.1, False)
     with pytest.raises(RuntimeError, match="float32, float16 and bfloat16"):
         native.attention_forward(q.double(), k.double(), v.double(), out.double(), lse, 0.1, False)
+    with pytest.raises(RuntimeError, match="does not broadcast"):
+        native.attention_forward(q, k, v, out, lse, 0.1, False, torch.zeros(1, 1, 64, 63, device="mps"))
+    with pytest.raises(RuntimeError, match="mask must be"):
+        native.attention_forward(q, k, v, out, lse, 0.1, False, torch.zeros(1, 1, 64, 64, device="mps").half())
+    with pytest.raises(RuntimeError, match="keys must be contiguous"):
+        native.attention_forward(q, k, v, out, lse, 0.1, False, torch.zeros(1, 1, 64, 64, device="mps").transpose(2, 3))
 
 
 def test_backward_on_another_thread(mfa_patch):

@@ -3,7 +3,7 @@
 
   python tools/mfa_engine.py source --dtype {fp32,fp16,bf16} --batch B --heads H
       --kv-heads HK --q-len R --kv-len C --head-dim D [--causal] [--mask {none,bool,additive}]
-      [--grad] [--gpu {apple7,apple9}] [--macos N]
+      [--mask-shape {LS,B1LS,BHLS,B11S}] [--grad] [--gpu {apple7,apple9}] [--macos N]
 
 prints the Metal source of every kernel the call launches (forward; with --grad the backward
 too), each after a line `// kernel: NAME`. Exit 0; 2 when MFAKernel.supports() refuses the
@@ -19,6 +19,11 @@ prints one JSON line {"ok", "max_abs", "max_rel", "used" (share of the tolerance
 "mma" (8x8 multiply-accumulates per kernel), "seconds"}. Exit 0 within tolerance; 1 not: a
 value no kernel wrote (NaN, max_abs null) or a kernel fault (a guard page hit, divergence,
 a missing binding: "error" instead of the figures); 2 refused; 3 engine failure.
+
+--mask runs with an attn_mask (tools/engine/masks.py: padding, rows without keys, per-head
+holes; additive: ALiBi-like biases, rows masked with -inf and with finfo.min) shaped
+--mask-shape: [R, C], [B, 1, R, C] (default), [B, H, R, C], or [B, 1, 1, C] broadcast over
+the rows, read in place through its strides as the bridge hands it over.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ def call_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-dim", type=int, required=True)
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--mask", choices=("none", "bool", "additive"), default="none")
+    parser.add_argument("--mask-shape", choices=encode.MASK_SHAPES, default="B1LS")
     parser.add_argument("--grad", action="store_true")
     parser.add_argument("--gpu", choices=("apple7", "apple9"), default="apple9")
     parser.add_argument("--macos", type=int, default=26)

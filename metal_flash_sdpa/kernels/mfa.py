@@ -13,9 +13,12 @@ executor (``tools/engine``; ``verified_rung``):
 - ``is_causal`` (PyTorch's top-left alignment, any query and key lengths), forward and
   backward (patch 0007: tiles above the diagonal skipped by loop bounds, the diagonal
   tiles masked);
-- no ``attn_mask`` (v2 has no mask code at this commit);
-- heads x head dim under 65536 and tensors under 2**32 elements (16-bit leading
-  dimensions, 32-bit offsets: ccv would compute wrong results beyond, silently);
+- ``attn_mask``, bool or additive, broadcast over batch and heads or per head, forward and
+  backward (patch 0008: read in place through its strides, never expanded; rows without
+  any key give 0, rows masked whole with a large finite value attend uniformly, as in
+  PyTorch), not together with ``is_causal`` (PyTorch raises for that);
+- heads x head dim under 65536 and tensors (masks included) under 2**32 elements (16-bit
+  leading dimensions, 32-bit offsets: ccv would compute wrong results beyond, silently);
 - a call whose fp32 scratch would pass 1 GiB (ccv's scratch sizing breaks beyond it).
 
 The bridge re-checks the same limits (``native/mfa_params.hpp``, ``check_limits``).
@@ -91,9 +94,11 @@ class MFAKernel(Kernel):
     supports_gqa = True
     causal_forward = "any"  # patch 0007, top-left as is_causal; tests/test_engine_causal.py
     causal_backward = "any"
-    mask_forward = False
-    mask_backward = False
-    mask_per_head = False
+    # patch 0008: bool and additive, [Sq, Sk], [B or 1, 1 or Hq, Sq, Sk] and broadcast rows;
+    # tests/test_engine_mask.py
+    mask_forward = True
+    mask_backward = True
+    mask_per_head = True
     # (atol, rtol) for out, dq, dk, dv, from the CPU executor (tools/engine/execute.py: the
     # emitted kernels against float64 PyTorch on the same dtype-rounded inputs) over
     # tests/test_engine_execute.py's matrix with MFA_ENGINE_FULL=1 (every table row, both GPU
@@ -102,7 +107,12 @@ class MFAKernel(Kernel):
     # rounding to half dominates). 4x that, rounded up. PyTorch's math SDPA in the dtype was
     # itself up to 8.6e-7 / 3.0e-4 from float64, so ours stays within these of it too: the
     # contract. The CPU does not round like a GPU (fast::exp2): `check --device mps` on a Mac
-    # has the last word. float16 runs with float32 intermediates ("upcast").
+    # has the last word. float16 runs with float32 intermediates ("upcast"). With a mask
+    # (patch 0008; tests/test_engine_mask.py's matrix, four seeds) the worst used 0.25 (float32),
+    # 0.77 (float16) and 0.90 (bfloat16) of these; a bfloat16 case off the matrix reached 1.02
+    # (dK, with PyTorch's own bfloat16 error 3x ours). float16 rows masked whole with
+    # finfo(float16).min exceed them, as PyTorch's own float16 result does (ours stays within
+    # twice PyTorch's error, `check`'s rule).
     tolerances = {
         torch.float32: (7e-6, 7e-6),
         torch.float16: (1.5e-3, 1.5e-3),
@@ -140,24 +150,28 @@ class MFAKernel(Kernel):
         elements = call.batch * max(call.q_len * call.q_heads, call.kv_len * call.kv_heads) * call.head_dim
         if elements > MAX_ELEMENTS:
             return f"a tensor of {elements} elements beyond the 32-bit offsets of {self.name}"
+        if call.mask is not None and call.causal:  # PyTorch raises; the kernels apply one or the other
+            return f"is_causal with attn_mask not supported by {self.name}"
+        # the most a mask can span: per batch (and head) elements, whether or not it broadcasts
+        mask_elements = call.batch * (call.q_heads if call.mask_per_head else 1) * call.q_len * call.kv_len
+        if call.mask is not None and mask_elements > MAX_ELEMENTS:
+            return f"an attn_mask of up to {mask_elements} elements beyond the 32-bit offsets of {self.name}"
         if scratch_bytes(call) > MAX_SCRATCH_BYTES:
             return f"call needs more than {MAX_SCRATCH_BYTES >> 30} GiB of {self.name} scratch"
         return None
 
     def forward(self, q, k, v, scale: float, causal: bool, mask):
-        if mask is not None:
-            raise ValueError(f"{self.name} has no attn_mask; supports() refuses such calls")
         native = _require_native()
         batch, heads, q_len, _ = q.shape
         # logical [B, H, S, D] views of [B, S, H, D] memory (the op layer's contract)
         out = torch.empty((batch, q_len, heads, v.shape[-1]), dtype=q.dtype, device=q.device)
         lse = torch.empty((batch, heads, q_len), dtype=torch.float32, device=q.device)
-        native.attention_forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), out, lse, float(scale), bool(causal))
+        native.attention_forward(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), out, lse, float(scale), bool(causal), keys_contiguous(mask)
+        )
         return out.transpose(1, 2), lse
 
     def backward(self, grad_out, q, k, v, out, lse, scale: float, causal: bool, mask):
-        if mask is not None:
-            raise ValueError(f"{self.name} has no attn_mask backward; supports() refuses such calls")
         native = _require_native()
         dq, dk, dv = (_empty_bshd(t) for t in (q, k, v))
         native.attention_backward(
@@ -172,8 +186,20 @@ class MFAKernel(Kernel):
             dv,
             float(scale),
             bool(causal),
+            keys_contiguous(mask),
         )
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+def keys_contiguous(mask):
+    """The op layer's mask ([Bm, Hm, Sq, Sk], maybe a broadcast view) with contiguous keys,
+    as the kernels read it (patch 0008: every other dim at its own stride, 0 where it
+    broadcasts). Only a mask whose keys are not contiguous is copied, and then only at the
+    size it has before broadcasting (over the other dims)."""
+    if mask is None or mask.stride(-1) == 1 or mask.shape[-1] == 1:
+        return mask
+    index = tuple(slice(0, 1) if stride == 0 else slice(None) for stride in mask.stride()[:-1])
+    return mask[index].contiguous().expand(mask.shape)
 
 
 def _empty_bshd(t):

@@ -5,7 +5,8 @@
 // CPU executions.
 //
 //   driver --dtype fp16 --batch B --heads H --kv-heads HK --q-len R --kv-len C --head-dim D
-//          [--grad] [--causal] [--gpu apple7|apple9] [--macos N] [--scale S] [--offset BYTES]
+//          [--grad] [--causal] [--mask-strides B,H,ROW] [--gpu apple7|apple9] [--macos N] [--scale S]
+//          [--offset BYTES]
 //          [--async-copies auto|on|off] [--fault empty-library|nil-pipeline|no-memory]
 //          [--no-prepare]
 //
@@ -15,8 +16,13 @@
 // callers may: the encode then builds and allocates for itself, so its own failure paths
 // (inside a command) run.
 //
+// --mask-strides: an additive attention mask in the call's dtype, with these strides in
+// elements (batch, query head, query row; 0 where it broadcasts), in a buffer "mask" of
+// the span they reach (mfa_params.hpp, mask_span).
+//
 // Exit 0 with the record; 2 (JSON {"refused": ...}) when the bridge would refuse the call;
 // 3 (JSON {"error": ...}) when ccv raised.
+#include <cinttypes>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -35,6 +41,8 @@ struct Options {
   mfa_sdpa::DType dtype = mfa_sdpa::DType::Float32;
   bool grad = false;
   bool causal = false;  // torch's is_causal (top-left)
+  bool masked = false;
+  mfa_sdpa::MaskStrides mask{0, 0, 0};
   double scale = 0;  // 0: 1/sqrt(D), as SDPA's default
   std::uint64_t offset = 0;
   std::string async_copies = "auto";  // auto, on, off
@@ -61,6 +69,10 @@ Options parse(int argc, char** argv) {
     };
     if (a == "--causal") {
       o.causal = true;
+    } else if (a == "--mask-strides") {
+      o.masked = true;
+      if (std::sscanf(value().c_str(), "%" SCNd64 ",%" SCNd64 ",%" SCNd64, &o.mask.batch, &o.mask.head, &o.mask.row) != 3)
+        usage("--mask-strides takes B,H,ROW");
     } else if (a == "--grad") {
       o.grad = true;
     } else if (a == "--no-prepare") {
@@ -198,7 +210,8 @@ void encode(bool prepare, ccv_nnc_mfa_context_t* context, const ccv_nnc_mfa_atte
 
 int run(const Options& o) {
   const auto& s = o.shape;
-  const std::string refused = mfa_sdpa::check_limits(s, o.dtype, o.grad);
+  const mfa_sdpa::MaskStrides* mask = o.masked ? &o.mask : nullptr;
+  const std::string refused = mfa_sdpa::check_limits(s, o.dtype, o.grad, mask);
   if (!refused.empty()) {
     std::printf("{\"refused\": \"%s\"}\n", refused.c_str());
     return 2;
@@ -218,13 +231,14 @@ int run(const Options& o) {
   Tensor q = tensor("q", q_elements, es, o.offset), k = tensor("k", kv_elements, es, o.offset),
          v = tensor("v", kv_elements, es, o.offset), out = tensor("o", q_elements, es, o.offset),
          lse = tensor("lse", lse_elements, 4, o.offset);
-  Tensor forward[mfa_sdpa::kForwardBuffers] = {q, k, v, out, {nullptr, 0}, lse};
-  encode(o.prepare, context, mfa_sdpa::make_params(s, o.dtype, float(o.scale), false, o.causal), forward, mfa_sdpa::kForwardBuffers);
+  const Tensor mask_tensor = mask ? tensor("mask", mfa_sdpa::mask_span(s, *mask), es, o.offset) : Tensor{nullptr, 0};
+  Tensor forward[mfa_sdpa::kForwardBuffers] = {q, k, v, out, mask_tensor, lse};
+  encode(o.prepare, context, mfa_sdpa::make_params(s, o.dtype, float(o.scale), false, o.causal, mask), forward, mfa_sdpa::kForwardBuffers);
   if (o.grad) {
     Tensor dout = tensor("do", q_elements, es, o.offset), dq = tensor("dq", q_elements, es, o.offset),
            dk = tensor("dk", kv_elements, es, o.offset), dv = tensor("dv", kv_elements, es, o.offset);
-    Tensor backward[mfa_sdpa::kBackwardBuffers] = {q, k, v, out, lse, dout, dq, dk, dv};
-    encode(o.prepare, context, mfa_sdpa::make_params(s, o.dtype, float(o.scale), true, o.causal), backward, mfa_sdpa::kBackwardBuffers);
+    Tensor backward[mfa_sdpa::kBackwardBuffers] = {q, k, v, out, lse, dout, dq, dk, dv, mask_tensor};
+    encode(o.prepare, context, mfa_sdpa::make_params(s, o.dtype, float(o.scale), true, o.causal, mask), backward, mfa_sdpa::kBackwardBuffers);
   }
   std::fputs(mfa_engine::to_json(mfa_engine::record()).c_str(), stdout);
   return mfa_engine::record().errors.empty() ? 0 : 4;

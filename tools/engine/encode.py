@@ -14,6 +14,12 @@ from . import build
 _BUFFER = re.compile(r"\[\[buffer\((\d+)\)\]\]")
 
 
+# The attn_mask shapes the engine runs, as the op layer hands them to the kernel: additive
+# in q's dtype, [Bm, Hm, R, C] (Bm in (1, B), Hm in (1, Hq)), stored compact and read
+# through strides that are 0 where the shape broadcasts (no broadcast materialised).
+MASK_SHAPES = ("LS", "B1LS", "BHLS", "B11S")  # [R, C], [B, 1, R, C], [B, Hq, R, C], [B, 1, 1, C]
+
+
 @dataclasses.dataclass(frozen=True)
 class Call:
     """One SDPA call, in the terms of `python tools/mfa_engine.py` and MFAKernel.supports()."""
@@ -27,6 +33,7 @@ class Call:
     head_dim: int = 64
     causal: bool = False
     mask: str = "none"  # none, bool, additive
+    mask_shape: str = "B1LS"  # one of MASK_SHAPES, with a mask
     grad: bool = False
     gpu: str = "apple9"  # apple7, apple9
     macos: int = 26
@@ -39,7 +46,19 @@ class Call:
         args = ["--dtype", self.dtype, "--batch", str(self.batch), "--heads", str(self.heads)]
         args += ["--kv-heads", str(self.hk), "--q-len", str(self.q_len), "--kv-len", str(self.kv_len)]
         args += ["--head-dim", str(self.head_dim), "--gpu", self.gpu, "--macos", str(self.macos)]
+        if self.mask != "none":
+            args += ["--mask-strides", ",".join(map(str, self.mask_strides()))]
         return args + (["--grad"] if self.grad else []) + (["--causal"] if self.causal else [])
+
+    def mask_dims(self) -> tuple:
+        """The stored (compact) mask's shape, [Bm, Hm, Rm, C]."""
+        b, h, r, c = self.batch, self.heads, self.q_len, self.kv_len
+        return {"LS": (1, 1, r, c), "B1LS": (b, 1, r, c), "BHLS": (b, h, r, c), "B11S": (b, 1, 1, c)}[self.mask_shape]
+
+    def mask_strides(self) -> tuple:
+        """(batch, head, row) strides in elements of the mask as the kernel reads it."""
+        bm, hm, rm, c = self.mask_dims()
+        return (hm * rm * c if bm > 1 else 0, rm * c if hm > 1 else 0, c if rm > 1 else 0)
 
 
 class Refused(Exception):
@@ -70,7 +89,7 @@ def refusal(call: Call) -> Optional[str]:
         value_dim=call.head_dim,
         causal=call.causal,
         mask=None if call.mask == "none" else call.mask,
-        mask_per_head=False,
+        mask_per_head=call.mask != "none" and call.mask_dims()[1] > 1,
         needs_grad=call.grad,
     )
     return MFAKernel().supports(kernel_call)

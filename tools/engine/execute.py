@@ -26,7 +26,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import encode
+from . import encode, masks
 
 PAGE = mmap.PAGESIZE
 # Buffers start 16-byte aligned (Metal's are page aligned; the shim's vector loads need 16).
@@ -35,7 +35,7 @@ ALIGN = 16
 POISON = 0xFF
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-INPUTS = ("q", "k", "v", "do")
+INPUTS = ("q", "k", "v", "do")  # and "mask" with a mask
 OUTPUTS = ("out", "lse", "dq", "dk", "dv")
 BUFFER_OF = {"out": "o"}  # the record names the output buffer "o"
 
@@ -118,13 +118,19 @@ class Execution:
 
 
 def random_inputs(call: encode.Call, seed: int) -> dict:
-    """q, k, v and (with grad) do, standard normal, in the call's dtype and [B, S, H, D]."""
+    """q, k, v and (with grad) do, standard normal, in the call's dtype and [B, S, H, D];
+    with a mask, "mask" (the user's, ``masks.make``) and "kernel_mask" (as the op layer
+    hands it to the kernel: additive in the call's dtype, compact, [Bm, Hm, Rm, C])."""
     generator = torch.Generator().manual_seed(seed)
     dtype = DTYPES[call.dtype]
     shapes = {"q": (call.batch, call.q_len, call.heads, call.head_dim), "do": (call.batch, call.q_len, call.heads, call.head_dim)}
     shapes["k"] = shapes["v"] = (call.batch, call.kv_len, call.hk, call.head_dim)
     names = INPUTS if call.grad else INPUTS[:3]
-    return {name: torch.randn(shapes[name], generator=generator).to(dtype) for name in names}
+    inputs = {name: torch.randn(shapes[name], generator=generator).to(dtype) for name in names}
+    if call.mask != "none":
+        inputs["mask"] = masks.make(call, generator)
+        inputs["kernel_mask"] = masks.additive(inputs["mask"], dtype)
+    return inputs
 
 
 def _tensor_layouts(call: encode.Call) -> dict:
@@ -135,6 +141,8 @@ def _tensor_layouts(call: encode.Call) -> dict:
     layouts = {"q": (dtype, qo), "k": (dtype, kv), "v": (dtype, kv), "o": (dtype, qo)}
     layouts["lse"] = (torch.float32, (call.batch, call.heads, call.q_len))
     layouts.update({"do": (dtype, qo), "dq": (dtype, qo), "dk": (dtype, kv), "dv": (dtype, kv)})
+    if call.mask != "none":  # stored compact: its span is its element count
+        layouts["mask"] = (dtype, call.mask_dims())
     return layouts
 
 
@@ -240,6 +248,14 @@ def _bindings(kernel, dispatch: dict, pipeline: dict, memory: _Memory, name: str
     return buffers, constants, memory_lengths
 
 
+def _buffer_contents(inputs: dict) -> dict:
+    """Buffer name -> what it holds: the inputs, the mask in the kernel's form."""
+    contents = {name: tensor for name, tensor in inputs.items() if name not in ("mask", "kernel_mask")}
+    if "kernel_mask" in inputs:
+        contents["mask"] = inputs["kernel_mask"]
+    return contents
+
+
 def execute(
     record: encode.Record,
     inputs: dict,
@@ -255,7 +271,8 @@ def execute(
     memory = _Memory(record, offset)
     transient: list[GuardedBuffer] = []
     try:
-        for name, tensor in inputs.items():
+        contents = _buffer_contents(inputs)
+        for name, tensor in contents.items():
             memory.write(name, tensor)
         mma = collections.Counter()
         frozen = {}  # the forward's results, which the backward must only read
@@ -272,7 +289,7 @@ def execute(
             stats = kernel.run(dispatch["grid"], dispatch["group"], buffers, constants, lengths, schedule=schedule)
             mma[name] += stats.get("mma", 0)
         memory.check_surroundings()
-        for name, tensor in inputs.items():
+        for name, tensor in contents.items():
             if not torch.equal(memory.read(name).view(torch.uint8), tensor.contiguous().view(torch.uint8)):
                 raise ReplayError(f"a kernel wrote to the input {name}")
         for name, before in frozen.items():
@@ -303,17 +320,46 @@ def reference(call: encode.Call, inputs: dict, scale: Optional[float] = None) ->
     scale = default_scale(call) if scale is None else scale
     q, k, v = (inputs[n].double().transpose(1, 2).requires_grad_(call.grad) for n in ("q", "k", "v"))
     gqa = call.hk != call.heads  # query head h uses key/value head h // (heads / hk); dk, dv sum a group
-    out, _ = torch.ops.aten._scaled_dot_product_attention_math(q, k, v, scale=scale, is_causal=call.causal, enable_gqa=gqa)
+    mask = None
+    if call.mask != "none":
+        # The user's mask in float64. A bool mask as F.scaled_dot_product_attention takes it
+        # (False = -inf: a row without keys gives 0); aten's math op, called directly, would
+        # attend such a row uniformly.
+        mask = masks.additive(inputs["mask"], torch.float64)
+    out, _ = torch.ops.aten._scaled_dot_product_attention_math(
+        q, k, v, attn_mask=mask, scale=scale, is_causal=call.causal, enable_gqa=gqa
+    )
     with torch.no_grad():
         keys = k.repeat_interleave(call.heads // call.hk, dim=1)
         scores = (q @ keys.transpose(-1, -2)) * scale
         if call.causal:  # top-left, as is_causal: query i attends keys j <= i
             allowed = torch.ones(call.q_len, call.kv_len, dtype=torch.bool).tril()
             scores = scores.masked_fill(~allowed, float("-inf"))
-        lse = torch.logsumexp(scores, dim=-1) / math.log(2)
+        if mask is not None:
+            lse = masks.kernel_lse(scores, inputs["kernel_mask"])
+        else:
+            lse = torch.logsumexp(scores, dim=-1) / math.log(2)
     result = {"out": out.detach().transpose(1, 2), "lse": lse}
     if call.grad:
         dq, dk, dv = torch.autograd.grad(out, (q, k, v), inputs["do"].double().transpose(1, 2))
+        result.update(dq=dq.transpose(1, 2), dk=dk.transpose(1, 2), dv=dv.transpose(1, 2))
+    return result
+
+
+def pytorch_result(call: encode.Call, inputs: dict, scale: Optional[float] = None) -> dict:
+    """F.scaled_dot_product_attention in the call's dtype on the CPU, with autograd: what
+    `check`'s acceptance rule measures PyTorch's own error by. out (and dq, dk, dv) as
+    reference() gives them."""
+    import torch.nn.functional as F
+
+    scale = default_scale(call) if scale is None else scale
+    q, k, v = (inputs[n].transpose(1, 2).requires_grad_(call.grad) for n in ("q", "k", "v"))
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=inputs.get("mask"), is_causal=call.causal, scale=scale, enable_gqa=call.hk != call.heads
+    )
+    result = {"out": out.detach().transpose(1, 2)}
+    if call.grad:
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), inputs["do"].transpose(1, 2))
         result.update(dq=dq.transpose(1, 2), dk=dk.transpose(1, 2), dv=dv.transpose(1, 2))
     return result
 

@@ -1,0 +1,231 @@
+"""Rung 4 (DESIGN section 10) for ``attn_mask``: our patch 0008 (issue #11 items 2 to 4).
+
+The op layer hands the kernel an additive mask in q's dtype (a bool mask as 0 / -inf),
+[Bm, Hm, Sq, Sk] and possibly a broadcast view; the kernels read it in place through its
+strides. Each case is encoded through ccv's own encode path with the strides the bridge
+passes, executed on the CPU on the masks tools/engine/masks.py makes (padding per batch,
+query rows without any key, per-head holes; additive: ALiBi-like biases, rows masked with
+-inf and with finfo.min), and compared with F.scaled_dot_product_attention's semantics in
+float64, within MFAKernel.tolerances (rows masked whole with float16's finfo.min: no
+further from float64 than twice PyTorch's own float16 SDPA, `check`'s rule, as PyTorch's
+own result is beyond that tolerance there). The covering design spans
+fp32/fp16/bf16, Sq == Sk, Sq < Sk, Sq > Sk, lengths that are not multiples of any block,
+every mask shape ([Sq, Sk], [B, 1, Sq, Sk], [B, Hq, Sq, Sk], [B, 1, 1, Sk]), bool and
+additive, GQA and MQA, both GPU families and one macOS 15 (ccv's async copies). Wrong
+variants fail; a GPU that flushes denormals is modelled.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+
+import engine_setup
+from engine_setup import engine_required  # puts tools/ on sys.path
+
+from engine import build, encode, execute, masks, metal  # noqa: E402  (after engine_setup)
+from metal_flash_sdpa import check  # noqa: E402
+
+KERNELS = ("attention_forward", "attention_backward_query", "attention_backward_key_value")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case(engine_setup.Case):
+    mask: str = "bool"
+    mask_shape: str = "B1LS"
+
+
+def bool_(*args, **kwargs):
+    return Case(*args, **kwargs, mask="bool")
+
+
+def additive(*args, **kwargs):
+    return Case(*args, **kwargs, mask="additive")
+
+
+MATRIX = [
+    bool_("apple9", "fp32", 97, 130, mask_shape="B1LS"),  # Sq < Sk, transformers' padding mask
+    bool_("apple7", "fp16", 130, 97, 4, 2, mask_shape="BHLS"),  # Sq > Sk, per head, GQA
+    additive("apple9", "bf16", 64, 64, mask_shape="LS"),  # Sq == Sk, block-aligned, shared
+    additive("apple7", "fp32", 130, 130, 4, 2, mask_shape="BHLS"),  # per head, GQA, ragged
+    additive("apple9", "fp16", 97, 130, mask_shape="B11S"),  # broadcast rows (stride 0)
+    bool_("apple7", "bf16", 33, 31, mask_shape="B11S"),  # a batch without any key
+    additive("apple9", "fp32", 33, 31, head_dim=128, macos=15, mask_shape="B1LS"),  # async copies
+    bool_("apple9", "fp16", 5, 1, 4, 2, head_dim=32, mask_shape="LS"),  # one key
+    additive("apple7", "fp32", 1, 5, 4, 2, mask_shape="BHLS"),  # one query
+    additive("apple9", "bf16", 130, 97, 4, 1, mask_shape="B1LS"),  # MQA
+    bool_("apple9", "fp16", 64, 64, head_dim=32, mask_shape="B1LS"),
+    additive("apple7", "bf16", 97, 130, head_dim=32, mask_shape="BHLS"),
+]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    with engine_required():
+        build.build()
+
+
+def misses(call: encode.Call, inputs: dict, edit=None, against_pytorch: bool = False) -> dict:
+    """Output name -> what is wrong, for every output outside MFAKernel.tolerances of
+    float64 PyTorch (the LSE, the kernel's own statistic: outside execute.LSE_TOLERANCE of
+    masks.kernel_lse). ``against_pytorch``: an output beyond the tolerance still passes
+    when no further from float64 than twice PyTorch's own SDPA in the call's dtype
+    (check.compare, the rule of `python -m metal_flash_sdpa check`); only for inputs where
+    PyTorch's own result is sound (its float32 backward is not, in rows masked whole with
+    finfo(float32).min: its LSE rounds log(l) away)."""
+    execution = execute.execute(encode.encode(call, check_refusal=False), inputs, edit=edit)
+    gold = execute.reference(call, inputs)
+    comparison = execute.compare(execution, gold, execute.tolerances(call))
+    theirs = execute.pytorch_result(call, inputs) if against_pytorch else {}
+    found = {}
+    for name, share in comparison.used.items():
+        if share <= 1:
+            continue
+        found[name] = f"{share:.3g} of the tolerance"
+        if name in theirs:
+            atol, rtol = comparison.tolerance[name]
+            miss = check.compare(execution.outputs[name].double(), theirs[name].double(), gold[name], atol, rtol)
+            if miss is None:
+                del found[name]
+    return found
+
+
+@pytest.mark.parametrize("case", MATRIX, ids=str)
+def test_mask_matches_float64_pytorch(engine, case):
+    call = case.call()
+    assert misses(call, execute.random_inputs(call, seed=5)) == {}
+
+
+def test_float16_finfo_min_rows(engine):
+    # Rows masked whole with float16's finfo.min (-65504, older transformers' masks for fp16
+    # models) keep their scores in PyTorch (float32 math: S * scale - 65504), and lose
+    # precision there: PyTorch's own float16 result is beyond MFAKernel's float16 tolerance
+    # from float64. Ours was 0.4 to 1.24 times PyTorch's own error (natural units, as torch).
+    for case in (additive("apple9", "fp16", 130, 97, 4, 2, mask_shape="BHLS"), additive("apple7", "fp16", 33, 31, mask_shape="LS")):
+        call = case.call()
+        inputs = execute.random_inputs(call, seed=6)
+        inputs["mask"] = masks.make(call, torch.Generator().manual_seed(6), finite_min_rows=True)
+        inputs["kernel_mask"] = masks.additive(inputs["mask"], torch.float16)
+        assert (inputs["mask"] == torch.finfo(torch.float16).min).all(-1).any()
+        assert misses(call, inputs, against_pytorch=True) == {}, case
+
+
+def test_rows_without_keys_are_zero(engine):
+    # PyTorch gives 0 (output and gradients) for a row whose keys are all masked with -inf
+    # (bool False), and attends uniformly where all are finfo.min (fp32, bf16): both occur.
+    call = additive("apple9", "fp32", 97, 130).call()
+    inputs = execute.random_inputs(call, seed=5)
+    mask = inputs["kernel_mask"]
+    empty = (mask == float("-inf")).all(-1)  # [Bm, 1, R]
+    uniform = (mask == torch.finfo(torch.float32).min).all(-1)
+    assert empty.any() and uniform.any()
+    execution = execute.execute(encode.encode(call, check_refusal=False), inputs)
+    out = execution.outputs["out"]  # [B, R, H, D]
+    rows = empty[:, 0, :]  # [B, R]
+    assert (out[rows] == 0).all() and (execution.outputs["dq"][rows] == 0).all()
+    v = inputs["v"].double().mean(1, keepdim=True).expand_as(out)
+    torch.testing.assert_close(out[uniform[:, 0, :]].double(), v[uniform[:, 0, :]], atol=1e-6, rtol=1e-6)
+    for name, tensor in execution.outputs.items():
+        assert torch.isfinite(tensor).all(), name
+
+
+def test_unmasked_kernels_are_unchanged(engine):
+    # Without a mask the patch emits no mask code; with one, every kernel applies it.
+    case = bool_("apple9", "fp16", 97, 130)
+    plain = {k.name: k.source for k in encode.encode(dataclasses.replace(case, mask="none").call(), check_refusal=False).kernels()}
+    masked = {k.name: k.source for k in encode.encode(case.call(), check_refusal=False).kernels()}
+    for name in KERNELS:
+        assert not any(word in plain[name] for word in ("mask_head", "mask_batch_stride", "MASK_FLOOR", "buffer(10)"))
+        assert "mask_head[" in masked[name] and "[[buffer(10)]]" in masked[name]
+
+
+def test_mask_strides_as_the_bridge_passes_them():
+    # The engine's strides (Call.mask_strides) are those kernels/mfa.py hands the bridge for
+    # the op layer's mask: 0 where it broadcasts, keys contiguous, never a broadcast copy.
+    from metal_flash_sdpa import ops
+    from metal_flash_sdpa.kernels.mfa import keys_contiguous
+
+    for shape in encode.MASK_SHAPES:
+        call = encode.Call(batch=2, heads=3, q_len=5, kv_len=7, mask="bool", mask_shape=shape)
+        user = masks.make(call, torch.Generator().manual_seed(0))
+        if shape == "LS":
+            user = user[0, 0]
+        q = torch.zeros(2, 3, 5, 8)
+        mask = keys_contiguous(ops._additive_mask_4d(user, q, 7))
+        strides = tuple(0 if size == 1 else stride for size, stride in zip(mask.shape[:3], mask.stride()[:3]))
+        assert strides == call.mask_strides(), shape
+        assert mask.untyped_storage().nbytes() == mask.element_size() * torch.Size(call.mask_dims()).numel()
+
+
+# -- wrong variants: each must fail -------------------------------------------------------------
+
+MUTATIONS = {
+    # backward-key-value reads the mask transposed (key as the query row; square, so it
+    # stays inside the mask)
+    "transposed_in_backward": (
+        additive("apple9", "fp32", 130, 130),
+        (("attention_backward_key_value",), "mask_head[mask_column * mask_row_stride + mask_row]", "mask_head[mask_row * mask_row_stride + mask_column]"),
+    ),
+    # the forward reads head 0's mask for every head
+    "head_ignored": (
+        additive("apple7", "fp32", 97, 130, 4, 2, mask_shape="BHLS"),
+        (("attention_forward",), "gid.y * mask_head_stride", "0 * mask_head_stride"),
+    ),
+    # -inf taken as a finite value (floored): a row without keys attends them uniformly
+    "minus_inf_as_finite": (
+        bool_("apple9", "fp32", 97, 130),
+        (KERNELS, "!= 0xFF800000u", "!= 0u"),
+    ),
+    # a row at the floor stores m + log(l): log(l) rounds away at 2^17
+    "floor_rows_untagged": (
+        additive("apple9", "fp32", 97, 130),
+        (("attention_forward",), "L_sram = MASK_FLOOR - rint(l);", "L_sram = L_sram;"),
+    ),
+    # with denormals flushed (l starts at 0), without the guard of O /= l
+    "flushed_unguarded_o": (
+        bool_("apple9", "fp32", 97, 130),
+        (("attention_forward",), "numeric_limits<float>::denorm_min()", "0"),
+        (("attention_forward",), "((m > MASK_EMPTY) ? fast::divide(1, l) : 0)", "fast::divide(1, l)"),
+    ),
+    # with denormals flushed, a row without keys keeps L = log(0)
+    "flushed_untagged_empty_rows": (
+        bool_("apple9", "fp32", 97, 130),
+        (("attention_forward",), "numeric_limits<float>::denorm_min()", "0"),
+        (("attention_forward",), "L_sram = MASK_EMPTY_ROW_L;", "L_sram = L_sram;"),
+    ),
+}
+
+
+def mutated(edits, seen):
+    def edit(kernel, source):
+        for kernels, old, new in edits:
+            if kernel in kernels:
+                assert old in source, f"{old!r} is not in {kernel}: the mutation would test nothing"
+                seen.add(kernel)
+                source = source.replace(old, new)
+        return source
+
+    return edit
+
+
+@pytest.mark.parametrize("name", MUTATIONS)
+def test_wrong_variant_fails(engine, name):
+    case, *edits = MUTATIONS[name]
+    seen = set()
+    call = case.call()
+    try:
+        found = misses(call, execute.random_inputs(call, seed=5), edit=mutated(edits, seen))
+    except (metal.MetalExecutionError, execute.ReplayError) as fault:  # e.g. a read past the mask
+        found = {"fault": str(fault)}
+    assert seen == {k for kernels, _, _ in edits for k in kernels}
+    assert found, "the wrong variant passed"
+
+
+def test_flushed_denormals_still_match(engine):
+    # A GPU that flushes denormals starts l at 0 instead of denorm_min: the guards hold.
+    case = bool_("apple9", "fp32", 97, 130)
+    seen = set()
+    edit = mutated(((("attention_forward",), "numeric_limits<float>::denorm_min()", "0"),), seen)
+    call = case.call()
+    assert misses(call, execute.random_inputs(call, seed=5), edit=edit) == {}
+    assert seen == {"attention_forward"}

@@ -1,0 +1,80 @@
+"""attn_mask for the engine (patch 0008): the masks a call runs with, the form the op layer
+hands the kernel, and the kernel's own per-row statistic for a masked call.
+
+The patterns are what models pass: padding (keys masked per batch, query rows of padding
+masked whole), holes that differ per head, ALiBi-like additive biases, and rows masked
+entirely, with -inf (bool False) or with torch.finfo(dtype).min.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from . import encode
+
+# The kernel's constants (patch 0008), natural units.
+MASK_FLOOR = -(2.0**17)
+MASK_EMPTY_ROW_L = 2.0**18
+
+
+def make(call: encode.Call, generator: torch.Generator, finite_min_rows: Optional[bool] = None) -> torch.Tensor:
+    """The user's mask for ``call``: bool (True = attend) or additive in the call's dtype,
+    compact, shaped ``call.mask_dims()`` ([Bm, Hm, Rm, C]). Every shape has a row with keys
+    masked and one masked entirely (with -inf; additive also with finfo.min when
+    ``finite_min_rows``, by default unless float16: scores near float16's finfo.min,
+    -65504, lose precision in float32, PyTorch's own as much, beyond MFAKernel's float16
+    tolerance); a per-head mask differs between heads."""
+    bm, hm, rm, c = call.mask_dims()
+    keep = torch.rand((bm, hm, rm, c), generator=generator) > (0.3 if hm > 1 else 0.0)
+    for b in range(bm):  # left padding of a different length per batch, every second batch
+        if b % 2 == 0:
+            keep[b, :, :, : (3 * b + 5) % max(c - 1, 1)] = False
+    if rm > 1:  # query rows masked whole: padded queries
+        keep[..., 1::4, :] = False
+        keep[..., 0, :] = True  # a row that attends every key
+    else:
+        keep[-1] = False  # a batch (or the only one) whose rows have no key
+    if call.mask == "bool":
+        return keep
+    dtype = encode_dtype(call)
+    rows = torch.arange(rm).view(-1, 1) * (c / max(rm, 1))
+    slope = torch.rand((bm, hm, 1, 1), generator=generator) * 0.5
+    bias = -slope * (rows - torch.arange(c)).abs()  # ALiBi-like: distance times a slope
+    bias = bias + torch.randn((bm, hm, rm, c), generator=generator)
+    bias = bias.masked_fill(~keep, -math.inf)
+    if finite_min_rows is None:
+        finite_min_rows = call.dtype != "fp16"
+    if rm > 1 and finite_min_rows:  # rows masked whole with a large finite value
+        bias[..., 3::4, :] = torch.finfo(dtype).min
+    return bias.to(dtype)
+
+
+def encode_dtype(call: encode.Call) -> torch.dtype:
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[call.dtype]
+
+
+def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The mask as the op layer hands it to the kernel (metal_flash_sdpa.ops): additive in
+    q's dtype (bool: 0 / -inf), compact."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, -math.inf)
+    return mask.to(dtype)
+
+
+def kernel_lse(scores: torch.Tensor, kernel_mask: torch.Tensor) -> torch.Tensor:
+    """L as the masked forward stores it, in float64 and natural units (the unmasked
+    kernels' L is base 2): the log-sum-exp of the row's scores with the mask added (-inf
+    excluded, finite scores floored at MASK_FLOOR); MASK_FLOOR - count for a row whose keys
+    all sit at the floor; MASK_EMPTY_ROW_L for a row without any key. ``scores``:
+    [B, H, R, C], scaled."""
+    mask = kernel_mask.double()
+    x = (scores + mask).clamp(min=MASK_FLOOR)
+    x = torch.where(mask == -math.inf, torch.full_like(x, -math.inf), x)
+    lse = torch.logsumexp(x, dim=-1)
+    top = x.max(dim=-1).values
+    floored = (x == MASK_FLOOR).sum(dim=-1).double()
+    lse = torch.where(top == MASK_FLOOR, MASK_FLOOR - floored, lse)
+    return torch.where(top == -math.inf, torch.full_like(lse, MASK_EMPTY_ROW_L), lse)
