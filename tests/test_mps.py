@@ -15,6 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import metal_flash_sdpa
 from metal_flash_sdpa import kernels
+from metal_flash_sdpa.check import compare
 from metal_flash_sdpa.kernels.base import Call
 from metal_flash_sdpa.kernels.mfa import NATIVE_MODULE, MFAKernel
 
@@ -211,8 +212,10 @@ def _mask(kind, shape, batch, heads, q_len, kv_len, dtype, seed):
     ids=["bool-padding", "bool-broadcast-rows", "additive-shared", "additive-per-head"],
 )
 def test_attention_mask(mfa_patch, dtype, kind, shape):
-    """attn_mask (patch 0008), forward and gradients, GQA, against math SDPA in float32 on
-    the same values and the same mask; rows without any key give 0 and zero gradients."""
+    """attn_mask (patch 0008), forward and gradients, GQA, judged as `check` judges: within
+    the tolerances of PyTorch's SDPA in the dtype, or no further from float32 math than
+    twice PyTorch's own error (rows attending a few keys under sharp biases do not average
+    rounding away); rows without any key give 0 and zero gradients, nothing is NaN."""
     q, _, _ = _inputs(2, 4, 300, 257, 64, dtype, requires_grad=True, seed=10)
     _, k, v = _inputs(2, 2, 300, 257, 64, dtype, requires_grad=True, seed=11)
     mask = _mask(kind, shape, 2, 4, 300, 257, dtype, seed=12)
@@ -220,15 +223,22 @@ def test_attention_mask(mfa_patch, dtype, kind, shape):
     assert metal_flash_sdpa.get_dispatch_count() == 1
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(13)).to("mps", dtype)
     out.backward(grad_out)
-    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
-    mask32 = mask if kind == "bool" else mask.float()
-    with metal_flash_sdpa.disabled(), sdpa_kernel(SDPBackend.MATH):
-        expected = F.scaled_dot_product_attention(q32, k32, v32, attn_mask=mask32, enable_gqa=True)
-    expected.backward(grad_out.float())
-    _close(out, expected, dtype, "out")
-    for actual, ref, name in ((q.grad, q32.grad, "dq"), (k.grad, k32.grad, "dk"), (v.grad, v32.grad, "dv")):
-        _close(actual, ref, dtype, name)
-    assert torch.isfinite(out).all() and all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    ours = [out.detach(), q.grad, k.grad, v.grad]
+
+    def pytorch(cast, mask):
+        inputs = [t.detach().to(cast).requires_grad_() for t in (q, k, v)]
+        with metal_flash_sdpa.disabled(), sdpa_kernel(SDPBackend.MATH):
+            result = F.scaled_dot_product_attention(*inputs, attn_mask=mask, enable_gqa=True)
+        result.backward(grad_out.to(cast))
+        return [result.detach()] + [t.grad for t in inputs]
+
+    theirs = pytorch(dtype, mask)
+    gold = pytorch(torch.float32, mask if kind == "bool" else mask.float())
+    atol, rtol = KERNEL.tolerances[dtype]
+    for name, a, b, g in zip(("out", "dq", "dk", "dv"), ours, theirs, gold):
+        assert torch.isfinite(a).all(), name
+        miss = compare(a.double().cpu(), b.double().cpu(), g.double().cpu(), atol, rtol)
+        assert miss is None, f"{name}: {miss}"
 
 
 def test_refused_calls_fall_back(mfa_patch):
