@@ -235,6 +235,11 @@ def _as_4d(t):
     return t.reshape(-1, *t.shape[-3:])
 
 
+def additive_mask(mask, dtype):
+    """A bool mask (True = attend) as the additive one of ``dtype``: 0 / -inf."""
+    return mask.new_full(mask.shape, -math.inf, dtype=dtype).masked_fill_(mask, 0.0)
+
+
 def _additive_mask_4d(mask, q, kv_len):
     """``mask`` as the kernel contract wants it: additive, q's dtype, [Bm, Hm, Sq, Sk]."""
     rank = q.dim()
@@ -247,8 +252,8 @@ def _additive_mask_4d(mask, q, kv_len):
             mask = mask.reshape(1, *mask.shape[-3:])
         else:
             mask = mask.expand(*q.shape[:-3], *mask.shape[-3:]).reshape(-1, *mask.shape[-3:])
-    if mask.dtype == torch.bool:  # True = attend; converted before broadcasting, to stay small
-        mask = mask.new_full(mask.shape, -math.inf, dtype=q.dtype).masked_fill_(mask, 0.0)
+    if mask.dtype == torch.bool:  # converted before broadcasting, to stay small
+        mask = additive_mask(mask, q.dtype)
     return mask.expand(mask.shape[0], mask.shape[1], q.shape[-2], kv_len)
 
 

@@ -12,50 +12,29 @@ multiples of any block (97x130, 33x31), batch 2, macOS 26 (and one macOS 15, ccv
 copies). Wrong variants (interleaved heads, the group loop not reset or not advanced) fail.
 """
 
-import dataclasses
-
 import pytest
 
-from engine_setup import call_id, engine_call, engine_required  # puts tools/ on sys.path
+from engine_setup import Case, engine_required  # puts tools/ on sys.path
 
 from engine import build, encode, execute  # noqa: E402  (after engine_setup)
 
 KERNELS = ("attention_forward", "attention_backward_query", "attention_backward_key_value")
 
 
-@dataclasses.dataclass(frozen=True)
-class Case:
-    gpu: str
-    dtype: str
-    head_dim: int
-    heads: int
-    kv_heads: int
-    q_len: int = 33
-    kv_len: int = 31
-    batch: int = 2
-    macos: int = 26
-
-    def call(self) -> encode.Call:
-        return engine_call(self, grad=True)
-
-    def __str__(self):
-        return call_id(self.call())
-
-
 # ratio = heads / kv_heads. Every ratio (1, 2, 4, 8, and Hk = 1) and head dim appears, each
 # dtype and family with several ratios, the long lengths with GQA and MQA.
 MATRIX = [
-    Case("apple9", "fp32", 32, 4, 2, 97, 130),  # ratio 2
-    Case("apple9", "fp16", 64, 8, 2),  # ratio 4
-    Case("apple7", "fp32", 80, 8, 1),  # ratio 8, MQA
-    Case("apple7", "fp16", 96, 4, 1, 97, 130),  # MQA, ratio 4
-    Case("apple9", "fp16", 128, 2, 1, macos=15),  # MQA, ratio 2; async copies
-    Case("apple9", "fp32", 256, 4, 2),  # ratio 2, the largest head dim served here
-    Case("apple7", "fp16", 32, 8, 1),  # ratio 8, MQA
-    Case("apple7", "fp32", 64, 4, 2, 97, 130),  # ratio 2
-    Case("apple9", "fp16", 80, 2, 2),  # ratio 1, multi-head through the same path
-    Case("apple9", "fp32", 128, 8, 1, 97, 130),  # ratio 8, MQA, long
-    Case("apple7", "fp32", 128, 2, 1, macos=15),  # MQA; async copies
+    Case("apple9", "fp32", 97, 130, 4, 2, head_dim=32),  # ratio 2
+    Case("apple9", "fp16", 33, 31, 8, 2, head_dim=64),  # ratio 4
+    Case("apple7", "fp32", 33, 31, 8, 1, head_dim=80),  # ratio 8, MQA
+    Case("apple7", "fp16", 97, 130, 4, 1, head_dim=96),  # MQA, ratio 4
+    Case("apple9", "fp16", 33, 31, 2, 1, head_dim=128, macos=15),  # MQA, ratio 2; async copies
+    Case("apple9", "fp32", 33, 31, 4, 2, head_dim=256),  # ratio 2, the largest head dim served here
+    Case("apple7", "fp16", 33, 31, 8, 1, head_dim=32),  # ratio 8, MQA
+    Case("apple7", "fp32", 97, 130, 4, 2, head_dim=64),  # ratio 2
+    Case("apple9", "fp16", 33, 31, 2, 2, head_dim=80),  # ratio 1, multi-head through the same path
+    Case("apple9", "fp32", 97, 130, 8, 1, head_dim=128),  # ratio 8, MQA, long
+    Case("apple7", "fp32", 33, 31, 2, 1, head_dim=128, macos=15),  # MQA; async copies
 ]
 
 
@@ -81,7 +60,7 @@ def test_gqa_matches_float64_pytorch(engine, case):
 def test_backward_key_value_runs_over_the_key_value_heads(engine):
     # One threadgroup per key/value head and key block (the group loops inside), the forward
     # and backward-query one per query head and query block.
-    case = Case("apple9", "fp32", 32, 8, 2, 97, 130)
+    case = Case("apple9", "fp32", 97, 130, 8, 2, head_dim=32)
     record = encode.encode(case.call())
     grids = {}
     for dispatch in record.dispatches:
@@ -103,7 +82,7 @@ def kv_blocks_size(record) -> int:
 
 # -- wrong variants: each must fail -------------------------------------------------------------
 
-MUTANT = Case("apple9", "fp32", 32, 4, 2)
+MUTANT = Case("apple9", "fp32", 33, 31, 4, 2, head_dim=32)
 MUTATIONS = {
     # K/V of query head h taken as h % Hk (interleaved) instead of h / ratio (grouped).
     "interleaved_heads": (("attention_forward", "attention_backward_query"), "(gid.y / H_Hk_ratio)", "(gid.y % Hk)"),

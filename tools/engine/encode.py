@@ -39,6 +39,12 @@ class Call:
     macos: int = 26
 
     @property
+    def torch_dtype(self):
+        import torch
+
+        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.dtype]
+
+    @property
     def hk(self) -> int:
         return self.heads if self.kv_heads is None else self.kv_heads
 
@@ -77,9 +83,8 @@ def refusal(call: Call) -> Optional[str]:
     from metal_flash_sdpa.kernels.base import Call as KernelCall
     from metal_flash_sdpa.kernels.mfa import MFAKernel
 
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     kernel_call = KernelCall(
-        dtype=dtypes[call.dtype],
+        dtype=call.torch_dtype,
         batch=call.batch,
         q_heads=call.heads,
         kv_heads=call.hk,

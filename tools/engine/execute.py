@@ -34,7 +34,6 @@ ALIGN = 16
 # 0xFF bytes are NaN as float32, float16 and bfloat16 alike.
 POISON = 0xFF
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 INPUTS = ("q", "k", "v", "do")  # and "mask" with a mask
 OUTPUTS = ("out", "lse", "dq", "dk", "dv")
 BUFFER_OF = {"out": "o"}  # the record names the output buffer "o"
@@ -122,7 +121,7 @@ def random_inputs(call: encode.Call, seed: int) -> dict:
     with a mask, "mask" (the user's, ``masks.make``) and "kernel_mask" (as the op layer
     hands it to the kernel: additive in the call's dtype, compact, [Bm, Hm, Rm, C])."""
     generator = torch.Generator().manual_seed(seed)
-    dtype = DTYPES[call.dtype]
+    dtype = call.torch_dtype
     shapes = {"q": (call.batch, call.q_len, call.heads, call.head_dim), "do": (call.batch, call.q_len, call.heads, call.head_dim)}
     shapes["k"] = shapes["v"] = (call.batch, call.kv_len, call.hk, call.head_dim)
     names = INPUTS if call.grad else INPUTS[:3]
@@ -135,7 +134,7 @@ def random_inputs(call: encode.Call, seed: int) -> dict:
 
 def _tensor_layouts(call: encode.Call) -> dict:
     """Buffer name -> (dtype, shape) of the tensor it holds."""
-    dtype = DTYPES[call.dtype]
+    dtype = call.torch_dtype
     qo = (call.batch, call.q_len, call.heads, call.head_dim)
     kv = (call.batch, call.kv_len, call.hk, call.head_dim)
     layouts = {"q": (dtype, qo), "k": (dtype, kv), "v": (dtype, kv), "o": (dtype, qo)}
@@ -372,7 +371,7 @@ def tolerances(call: encode.Call) -> dict:
     import metal_flash_sdpa  # noqa: F401  (before the submodule: see README)
     from metal_flash_sdpa.kernels.mfa import MFAKernel
 
-    dtype = DTYPES[call.dtype]
+    dtype = call.torch_dtype
     promised = MFAKernel.tolerances[dtype]
     names = OUTPUTS if call.grad else OUTPUTS[:2]
     return {name: LSE_TOLERANCE if name == "lse" else promised for name in names}

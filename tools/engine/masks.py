@@ -40,7 +40,7 @@ def make(call: encode.Call, generator: torch.Generator, finite_min_rows: Optiona
         keep[-1] = False  # a batch (or the only one) whose rows have no key
     if call.mask == "bool":
         return keep
-    dtype = encode_dtype(call)
+    dtype = call.torch_dtype
     rows = torch.arange(rm).view(-1, 1) * (c / max(rm, 1))
     slope = torch.rand((bm, hm, 1, 1), generator=generator) * 0.5
     bias = -slope * (rows - torch.arange(c)).abs()  # ALiBi-like: distance times a slope
@@ -53,16 +53,13 @@ def make(call: encode.Call, generator: torch.Generator, finite_min_rows: Optiona
     return bias.to(dtype)
 
 
-def encode_dtype(call: encode.Call) -> torch.dtype:
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[call.dtype]
-
-
 def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The mask as the op layer hands it to the kernel (metal_flash_sdpa.ops): additive in
-    q's dtype (bool: 0 / -inf), compact."""
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, -math.inf)
-    return mask.to(dtype)
+    """The mask as the op layer hands it to the kernel: additive in q's dtype (a bool mask
+    converted by the op layer's own ``additive_mask``: 0 / -inf), compact."""
+    import metal_flash_sdpa  # noqa: F401  (before the submodule: see README)
+    from metal_flash_sdpa.ops import additive_mask
+
+    return additive_mask(mask, dtype) if mask.dtype == torch.bool else mask.to(dtype)
 
 
 def kernel_lse(scores: torch.Tensor, kernel_mask: torch.Tensor) -> torch.Tensor:
