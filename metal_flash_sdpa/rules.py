@@ -106,7 +106,7 @@ def evaluate(q, k, v, mask, dropout_p, causal, scale, gqa):
         reason = EMPTY
     if reason is None:
         grad = _is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        call = describe(qs, ks, vs, q.dtype, mask, causal, grad)
+        call = describe(qs, ks, vs, q.dtype, mask, causal, grad, scale)
         reason = kernel.supports(call)
         # The last rule: not a configuration the kernel raised on (ops.kernel_failed); looked
         # up only once a kernel has failed. Not while compiling (a graph would guard on the
@@ -156,7 +156,7 @@ def check_mask(mask, dtype, q, k) -> Optional[str]:
     return None
 
 
-def describe(q, k, v, dtype, mask, causal, needs_grad) -> Call:
+def describe(q, k, v, dtype, mask, causal, needs_grad, scale=None) -> Call:
     """The call as a kernel's ``supports()`` sees it (shapes ``q``, ``k``, ``v`` as 4-D,
     leading dims flattened into the batch)."""
     return Call(
@@ -172,6 +172,7 @@ def describe(q, k, v, dtype, mask, causal, needs_grad) -> Call:
         None if mask is None else ("bool" if mask.dtype == torch.bool else "additive"),
         mask is not None and mask.dim() >= 3 and mask.shape[-3] != 1,
         needs_grad,
+        scale,
     )
 
 
@@ -181,7 +182,7 @@ def configuration(kernel_name: str, device_type: str, call: Call) -> tuple:
     kind: the op layer hands every kernel an additive mask, so a bool and an additive mask
     run the same kernel (and the op layer, seeing only the converted mask, finds the same key).
     ``needs_grad`` comes last (a forward failure blocks both values)."""
-    dtype, _, q_heads, kv_heads, _, _, head_dim, value_dim, causal, mask, per_head, needs_grad = call
+    dtype, _, q_heads, kv_heads, _, _, head_dim, value_dim, causal, mask, per_head, needs_grad, _ = call
     masked = mask is not None
     return kernel_name, device_type, dtype, head_dim, value_dim, q_heads, kv_heads, causal, masked, per_head, needs_grad
 

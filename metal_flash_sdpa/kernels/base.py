@@ -32,6 +32,12 @@ class Call(NamedTuple):
     mask: Optional[str]  # None, "bool" or "additive" (as the user passed it)
     mask_per_head: bool  # the mask differs between heads (its head dim is not 1)
     needs_grad: bool  # autograd will ask this kernel for a backward
+    scale: Optional[float] = None  # SDPA's scale argument; None: 1/sqrt(head_dim)
+
+    @property
+    def softmax_scale(self) -> float:
+        """The scale the kernel applies to q @ k^T: the argument, or SDPA's default."""
+        return self.head_dim ** -0.5 if self.scale is None else float(self.scale)
 
 
 class Kernel:
