@@ -4,6 +4,8 @@ A plain Python function (not a wrapt proxy) so that TorchDynamo inlines it: a pr
 compares equal to the builtin can be taken for the builtin and silently bypassed.
 """
 
+import sys
+
 import torch
 
 from . import counters, ops, rules
@@ -14,11 +16,24 @@ original = None
 _is_compiling = torch.compiler.is_compiling
 _evaluate = rules.evaluate
 _AUTOCAST = rules.AUTOCAST
+_Tensor = torch.Tensor
+_handle_torch_function = torch.overrides.handle_torch_function
 
 
 def scaled_dot_product_attention(
     query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False
 ):
+    if attn_mask is not None and type(attn_mask) is not _Tensor and _is_causal_bias(attn_mask):
+        # CausalBias recognises SDPA by identity with F.scaled_dot_product_attention, which is
+        # this function now: hand it the call as PyTorch's SDPA would (it calls SDPA again,
+        # with is_causal or the mask materialised). Other __torch_function__ overrides get
+        # PyTorch's builtin itself (rules.TORCH_FUNCTION), as unpatched.
+        return _handle_torch_function(
+            scaled_dot_product_attention,
+            (query, key, value, attn_mask),
+            query, key, value, attn_mask, dropout_p, is_causal,
+            **_keywords(scale, enable_gqa),
+        )
     reason, kernel, needs_grad = _evaluate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if reason is None:
         try:
@@ -30,7 +45,7 @@ def scaled_dot_product_attention(
     if not _is_compiling():
         counters.count_fallback(reason)
     # The user's call, passing defaults only where needed: each extra argument costs the
-    # builtin's parser time, and torch 2.4 has no enable_gqa keyword.
+    # builtin's parser time, and torch 2.4 has no enable_gqa keyword (see also _keywords).
     if enable_gqa is not False:
         return original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
     if scale is not None:
@@ -38,6 +53,21 @@ def scaled_dot_product_attention(
     if attn_mask is None and is_causal is False and type(dropout_p) is float and dropout_p == 0.0:
         return original(query, key, value)
     return original(query, key, value, attn_mask, dropout_p, is_causal)
+
+
+def _is_causal_bias(mask) -> bool:
+    # no import: torch.nn.attention.bias pulls in torch._dynamo (seconds); a CausalBias
+    # exists only once its module was imported
+    bias = sys.modules.get("torch.nn.attention.bias")
+    return bias is not None and isinstance(mask, bias.CausalBias)
+
+
+def _keywords(scale, enable_gqa) -> dict:
+    """The keyword arguments a caller gave, defaults left out (torch 2.4 has no enable_gqa)."""
+    keywords = {} if scale is None else {"scale": scale}
+    if enable_gqa is not False:
+        keywords["enable_gqa"] = enable_gqa
+    return keywords
 
 
 def _under_autocast(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):

@@ -20,6 +20,7 @@ A kernel that raises never breaks the call (DESIGN section 10): see ``kernel_fai
 
 import math
 import threading
+import weakref
 
 import torch
 
@@ -34,6 +35,10 @@ _lib.define(
 _failed = kernels.failed
 _failed_lock = threading.Lock()  # one warning per configuration, even under threads
 _pytorch_sdpa = torch._C._nn.scaled_dot_product_attention  # PyTorch's own, whatever is patched
+# id -> the placeholder lse of a forward the op answered with PyTorch (a compiled graph or
+# dispatch mode ran it): its backward is PyTorch's too, whatever the state is by then.
+# Keyed by id, checked by identity: a tensor's == compares values.
+_answered_by_pytorch = weakref.WeakValueDictionary()
 _key = torch._C.DispatchKey
 # autograd's dispatch keys and its view tracking: what a dispatch mode excludes that autograd needs
 _AUTOGRAD_KEYS = (_key.ADInplaceOrView, _key.AutogradCPU, _key.AutogradOther, _key.AutogradNestedTensor)
@@ -135,37 +140,49 @@ def _with_autograd():
     return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
 
 
-def _pytorch_grads(grad_out, q, k, v, mask, scale, causal):
+def _pytorch_grads(grad_out, q, k, v, mask, scale, causal, batched=False):
     """dq, dk, dv recomputed by PyTorch from the saved inputs, with their strides (the
-    layout the kernel contract and the fake implementation promise)."""
+    layout the kernel contract and the fake implementation promise), except for a
+    ``batched`` grad_out (under vmap), whose gradients vmap lays out itself."""
+    if _functorch_transform() is not None:  # requires_grad_ is refused inside functorch transforms
+        _, vjp = torch.func.vjp(lambda *qkv: _pytorch_attention(*qkv, mask, scale, causal), q, k, v)
+        return vjp(grad_out)
     inputs = [t.detach().requires_grad_() for t in (q, k, v)]
     with _with_autograd(), torch.enable_grad():
         grads = torch.autograd.grad(_pytorch_attention(*inputs, mask, scale, causal), inputs, grad_out)
+    if batched:
+        return grads
     return tuple(g if g.stride() == t.stride() else torch.empty_like(t).copy_(g) for t, g in zip((q, k, v), grads))
 
 
 def _attention(q, k, v, mask, scale, causal):
     kernel = _kernel(q.device)
-    reason = _blocked(kernel, q, k, v, mask, causal, False) if _failed else None
+    if not rules.fused_backends_selected():  # compiled graphs decide as they run
+        reason = rules.BACKENDS
+    else:
+        reason = _blocked(kernel, q, k, v, mask, causal, False) if _failed else None
     if reason is None:
         try:
             return _forward(kernel, q, k, v, mask, scale, causal)
         except Exception as error:
             reason = kernel_failed(kernel, error, "forward", q, k, v, mask, causal, False)
     # Run by a compiled graph or under a dispatch mode: no user call to hand back to, so
-    # PyTorch answers from these tensors. The lse is a placeholder: the configuration is
-    # blocked, so the backward recomputes with PyTorch and never reads it.
+    # PyTorch answers from these tensors. The lse is a placeholder, remembered so that the
+    # backward recomputes with PyTorch and never reads it.
     counters.count_fallback(reason)
     batch, heads, length, _ = q.shape
     out = to_layout(_pytorch_attention(q, k, v, mask, scale, causal), kernel.layout)
-    return out, q.new_zeros((batch, heads, length), dtype=_lse_dtype(q.dtype))
+    lse = q.new_zeros((batch, heads, length), dtype=_lse_dtype(q.dtype))
+    _answered_by_pytorch[id(lse)] = lse
+    return out, lse
 
 
 def _attention_backward(grad_out, q, k, v, out, lse, mask, scale, causal, kernel=None):
     current = kernels.by_device.get(q.device) or kernels.resolve(q.device)
-    if type(current) is not str and (kernel is None or current.name == kernel):
+    answered_by_kernel = _answered_by_pytorch.get(id(lse)) is not lse
+    if answered_by_kernel and type(current) is not str and (kernel is None or current.name == kernel):
         return _backward(current, grad_out, q, k, v, out, lse, mask, scale, causal)
-    # the registry changed since the forward: no kernel here can read the forward's lse
+    # PyTorch answered the forward, or the registry changed since: no kernel here can read the lse
     return _pytorch_grads(grad_out, q, k, v, mask, scale, causal)
 
 
@@ -204,10 +221,15 @@ class _Attention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, lse, mask = ctx.saved_tensors
         kernel = ctx.kernel
-        grad_out = to_layout(grad_out, kernel.layout)
         if _is_compiling() or _dispatch_modes():
+            grad_out = to_layout(grad_out, kernel.layout)
             dq, dk, dv = _attention_backward_op(grad_out, q, k, v, out, lse, mask, ctx.scale, ctx.causal, kernel.name)
+        elif _functorch_transform() is not None or _is_legacy_batched(grad_out):
+            # under vmap (is_grads_batched, gradcheck's batched check, torch.func.vmap over
+            # a backward): a kernel cannot batch, PyTorch's own backward can
+            dq, dk, dv = _pytorch_grads(grad_out, q, k, v, mask, ctx.scale, ctx.causal, batched=True)
         else:
+            grad_out = to_layout(grad_out, kernel.layout)
             dq, dk, dv = _backward(kernel, grad_out, q, k, v, out, lse, mask, ctx.scale, ctx.causal)
         return None, dq, dk, dv, None, None, None
 
@@ -216,6 +238,8 @@ _attention_op = torch.ops.metal_flash_sdpa.attention.default
 _attention_backward_op = torch.ops.metal_flash_sdpa.attention_backward.default
 _is_compiling = torch.compiler.is_compiling
 _dispatch_modes = torch._C._len_torch_dispatch_stack
+_functorch_transform = torch._C._functorch.peek_interpreter_stack
+_is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
 
 
 def _run_attention(kernel, q, k, v, mask, scale, causal):

@@ -8,6 +8,7 @@ wrapt resolves the attribute and applies the patch; what it installs is the plai
 import contextlib
 import threading
 
+import torch.jit._builtins
 import torch.nn.functional
 import wrapt
 
@@ -15,6 +16,11 @@ from . import dispatch, rules
 
 _TARGET = "scaled_dot_product_attention"
 _lock = threading.Lock()
+
+# TorchScript cannot compile the dispatcher (keyword-only arguments with defaults): scripted
+# code that reaches it (F.multi_head_attention_forward, users' functions) compiles it as
+# PyTorch's aten op, as it would unpatched. Scripted code therefore never reaches a kernel.
+torch.jit._builtins._register_builtin(dispatch.scaled_dot_product_attention, "aten::scaled_dot_product_attention")
 
 
 def enable() -> None:

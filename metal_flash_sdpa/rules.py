@@ -27,6 +27,9 @@ scoped_off = ContextVar("metal_flash_sdpa_disabled", default=False)
 _Tensor = torch.Tensor
 _NUMBERS = (float, int)
 _has_torch_function = torch.overrides.has_torch_function_variadic
+_torch_function_enabled = torch._C._is_torch_function_enabled
+_flash_enabled = torch._C._get_flash_sdp_enabled
+_efficient_enabled = torch._C._get_mem_efficient_sdp_enabled
 _is_compiling = torch.compiler.is_compiling
 _is_grad_enabled = torch.is_grad_enabled
 _is_any_autocast_enabled = torch._C._is_any_autocast_enabled
@@ -35,7 +38,15 @@ _package = sys.modules[__package__]
 
 DISABLED = "inside metal_flash_sdpa.disabled()"
 NOT_TENSORS = "query, key, value or attn_mask is not a tensor"
-TORCH_FUNCTION = "tensor subclass with __torch_function__"
+# A subclass or mode that overrides torch functions expects to see the SDPA call itself: it
+# gets PyTorch's builtin, as unpatched (the dispatcher hands CausalBias masks to their
+# override first). So does a call made with torch functions disabled.
+TORCH_FUNCTION = "tensor subclass or mode with __torch_function__"
+# explain() only: a CausalBias mask calls SDPA again, with is_causal or a materialised mask
+CAUSAL_BIAS = "a CausalBias attn_mask: its own SDPA call is dispatched (is_causal or a plain mask)"
+# torch.nn.attention.sdpa_kernel: the kernels stand in for the fused backends, flash
+# attention and memory-efficient attention; a selection without both goes to PyTorch.
+BACKENDS = "sdpa_kernel selection excludes the fused backends"
 SHORT = "query length < MIN_SEQ_LEN"
 FEW_DIMS = "query has fewer than 3 dims"
 NESTED = "nested tensors"
@@ -64,8 +75,7 @@ def evaluate(q, k, v, mask, dropout_p, causal, scale, gqa):
         mask is not None and not isinstance(mask, _Tensor)
     ):
         return NOT_TENSORS, None, False
-    # A subclass that overrides torch functions expects to see the SDPA call itself.
-    if _has_torch_function(q, k, v, mask):
+    if _has_torch_function(q, k, v, mask) or not _torch_function_enabled():
         return TORCH_FUNCTION, None, False
     device = q.device
     # The per-device cache is filled as calls come; a compiled graph must not guard on it.
@@ -81,6 +91,10 @@ def evaluate(q, k, v, mask, dropout_p, causal, scale, gqa):
         return FEW_DIMS, None, False
     if q.shape[-2] < _package.MIN_SEQ_LEN:
         return SHORT, None, False
+    # Not while compiling: dynamo would fold the flags into the graph without a guard; the
+    # op reads them when it runs (ops._attention).
+    if not compiling and not fused_backends_selected():
+        return BACKENDS, None, False
     if _is_any_autocast_enabled() and torch.is_autocast_enabled(device.type):
         return AUTOCAST, None, False
     if not compiling and _functorch_transform() is not None:
@@ -116,6 +130,12 @@ def evaluate(q, k, v, mask, dropout_p, causal, scale, gqa):
         if reason is None:
             return None, kernel, grad
     return reason, None, False
+
+
+def fused_backends_selected() -> bool:
+    """Whether torch.nn.attention.sdpa_kernel (or torch.backends.cuda.enable_*_sdp) leaves
+    flash or memory-efficient attention, the backends the kernels stand in for, enabled."""
+    return _flash_enabled() or _efficient_enabled()
 
 
 def check_shapes(q, k, v, gqa) -> Optional[str]:
@@ -213,6 +233,10 @@ def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, s
 
     if not patch.is_enabled():
         return "metal_flash_sdpa is not enabled"
+    from .dispatch import _is_causal_bias
+
+    if _is_causal_bias(attn_mask):
+        return CAUSAL_BIAS
     reason = evaluate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)[0]
     if reason is AUTOCAST:
         query, key, value, attn_mask = autocast_inputs(query, key, value, attn_mask)
