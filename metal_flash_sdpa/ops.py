@@ -24,17 +24,27 @@ import weakref
 
 import torch
 
-from . import config, counters, kernels, rules
+from . import config, counters, dropout, kernels, rules
 
 _lib = torch.library.Library("metal_flash_sdpa", "DEF")
-_lib.define("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal) -> (Tensor, Tensor)")
+# The third output of attention is the dropout seed it drew when it ran (a 0-d int64 CPU
+# tensor, so that a compiled graph never freezes one), which its backward is handed back.
+# Seeded-nondeterministic: two calls on the same inputs are not one (no CSE in graphs).
+_lib.define(
+    "attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal, float dropout_p=0.0) "
+    "-> (Tensor, Tensor, Tensor)",
+    tags=(torch.Tag.nondeterministic_seeded,),
+)
 _lib.define(
     "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-    "Tensor? mask, float scale, bool causal, str? kernel=None) -> (Tensor, Tensor, Tensor)"
+    "Tensor? mask, float scale, bool causal, str? kernel=None, float dropout_p=0.0, Tensor? seed=None) "
+    "-> (Tensor, Tensor, Tensor)"
 )
 _failed = kernels.failed
 _failed_lock = threading.Lock()  # one warning per configuration, even under threads
 _pytorch_sdpa = torch._C._nn.scaled_dot_product_attention  # PyTorch's own, whatever is patched
+_math_sdpa = torch.ops.aten._scaled_dot_product_attention_math  # takes a dropout keep mask
+_NO_SEED = torch.zeros((), dtype=torch.int64)
 # id -> the placeholder lse of a forward the op answered with PyTorch (a compiled graph or
 # dispatch mode ran it): its backward is PyTorch's too, whatever the state is by then.
 # Keyed by id, checked by identity: a tensor's == compares values.
@@ -70,7 +80,7 @@ def _lse_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def kernel_failed(kernel, error, stage, q, k, v, mask, causal, needs_grad) -> str:
+def kernel_failed(kernel, error, stage, q, k, v, mask, causal, needs_grad, dropout_p=0.0) -> str:
     """Stop sending this call's configuration (``rules.configuration``) to ``kernel`` after
     it raised ``error`` in ``stage`` ("forward" or "backward"); -> the fallback reason, one
     per kernel, so that ``fallback_counts()`` adds its configurations up.
@@ -81,7 +91,7 @@ def kernel_failed(kernel, error, stage, q, k, v, mask, causal, needs_grad) -> st
     configuration gives one warning line naming the kernel, the configuration and the error.
     """
     reason = f"kernel {kernel.name} failed for this configuration"
-    key = rules.configuration(kernel.name, q.device.type, _call(q, k, v, mask, causal, needs_grad))
+    key = rules.configuration(kernel.name, q.device.type, _call(q, k, v, mask, causal, needs_grad, dropout_p))
     keys = [key] if stage == "backward" else [key[:-1] + (False,), key[:-1] + (True,)]
     with _failed_lock:
         new = [c for c in keys if c not in _failed]
@@ -98,35 +108,54 @@ def kernel_failed(kernel, error, stage, q, k, v, mask, causal, needs_grad) -> st
     return reason
 
 
-def _call(q, k, v, mask, causal, needs_grad):
-    return rules.describe(q.shape, k.shape, v.shape, q.dtype, mask, causal, needs_grad)
+def _call(q, k, v, mask, causal, needs_grad, dropout_p=0.0):
+    return rules.describe(q.shape, k.shape, v.shape, q.dtype, mask, causal, needs_grad, None, dropout_p)
 
 
-def _blocked(kernel, q, k, v, mask, causal, needs_grad):
+def _blocked(kernel, q, k, v, mask, causal, needs_grad, dropout_p=0.0):
     """The fallback reason if this call's configuration is blocked for ``kernel``, else None."""
-    return _failed.get(rules.configuration(kernel.name, q.device.type, _call(q, k, v, mask, causal, needs_grad)))
+    call = _call(q, k, v, mask, causal, needs_grad, dropout_p)
+    return _failed.get(rules.configuration(kernel.name, q.device.type, call))
 
 
-def _forward(kernel, q, k, v, mask, scale, causal):
+def _dropout(dropout_p, seed):
+    """What a kernel is handed as ``dropout``: None, or (p, the seed as an int)."""
+    return (dropout_p, dropout.seed_value(seed)) if dropout_p else None
+
+
+def _forward(kernel, q, k, v, mask, scale, causal, dropout_p=0.0, seed=None):
     # counted once the kernel returned: a call it failed on ends up in PyTorch, not here
-    result = kernel.forward(q, k, v, scale, causal, mask)
+    if dropout_p:  # kernels that never drop need not take the argument
+        result = kernel.forward(q, k, v, scale, causal, mask, dropout=_dropout(dropout_p, seed))
+    else:
+        result = kernel.forward(q, k, v, scale, causal, mask)
     counters.count_dispatch()
     return result
 
 
-def _backward(kernel, grad_out, q, k, v, out, lse, mask, scale, causal):
+def _backward(kernel, grad_out, q, k, v, out, lse, mask, scale, causal, dropout_p=0.0, seed=None):
     """The kernel's backward; PyTorch's gradients if it raises or the configuration is blocked."""
-    if not _failed or _blocked(kernel, q, k, v, mask, causal, True) is None:
+    if not _failed or _blocked(kernel, q, k, v, mask, causal, True, dropout_p) is None:
         try:
+            if dropout_p:
+                return kernel.backward(
+                    grad_out, q, k, v, out, lse, scale, causal, mask, dropout=_dropout(dropout_p, seed)
+                )
             return kernel.backward(grad_out, q, k, v, out, lse, scale, causal, mask)
         except Exception as error:
-            kernel_failed(kernel, error, "backward", q, k, v, mask, causal, True)
-    return _pytorch_grads(grad_out, q, k, v, mask, scale, causal)
+            kernel_failed(kernel, error, "backward", q, k, v, mask, causal, True, dropout_p)
+    return _pytorch_grads(grad_out, q, k, v, mask, scale, causal, dropout_p=dropout_p, seed=seed)
 
 
-def _pytorch_attention(q, k, v, mask, scale, causal):
-    """PyTorch's SDPA on the op-level tensors (4-D, additive mask, scale resolved)."""
-    if k.shape[1] != q.shape[1]:
+def _pytorch_attention(q, k, v, mask, scale, causal, dropout_p=0.0, seed=None):
+    """PyTorch's SDPA on the op-level tensors (4-D, additive mask, scale resolved); with
+    dropout, PyTorch's math SDPA given the kernels' keep decisions for ``seed``."""
+    gqa = k.shape[1] != q.shape[1]
+    if dropout_p:
+        batch, heads, length, _ = q.shape
+        keep = dropout.keep_mask(dropout.seed_value(seed), dropout_p, batch, heads, length, k.shape[2], q.device)
+        return _math_sdpa(q, k, v, mask, dropout_p, causal, keep, scale=scale, enable_gqa=gqa)[0]
+    if gqa:
         return _pytorch_sdpa(q, k, v, mask, 0.0, causal, scale=scale, enable_gqa=True)
     return _pytorch_sdpa(q, k, v, mask, 0.0, causal, scale=scale)
 
@@ -140,50 +169,55 @@ def _with_autograd():
     return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
 
 
-def _pytorch_grads(grad_out, q, k, v, mask, scale, causal, batched=False):
+def _pytorch_grads(grad_out, q, k, v, mask, scale, causal, batched=False, dropout_p=0.0, seed=None):
     """dq, dk, dv recomputed by PyTorch from the saved inputs, with their strides (the
     layout the kernel contract and the fake implementation promise), except for a
     ``batched`` grad_out (under vmap), whose gradients vmap lays out itself."""
     if _functorch_transform() is not None:  # requires_grad_ is refused inside functorch transforms
-        _, vjp = torch.func.vjp(lambda *qkv: _pytorch_attention(*qkv, mask, scale, causal), q, k, v)
+        _, vjp = torch.func.vjp(lambda *qkv: _pytorch_attention(*qkv, mask, scale, causal, dropout_p, seed), q, k, v)
         return vjp(grad_out)
     inputs = [t.detach().requires_grad_() for t in (q, k, v)]
     with _with_autograd(), torch.enable_grad():
-        grads = torch.autograd.grad(_pytorch_attention(*inputs, mask, scale, causal), inputs, grad_out)
+        out = _pytorch_attention(*inputs, mask, scale, causal, dropout_p, seed)
+        grads = torch.autograd.grad(out, inputs, grad_out)
     if batched:
         return grads
     return tuple(g if g.stride() == t.stride() else torch.empty_like(t).copy_(g) for t, g in zip((q, k, v), grads))
 
 
-def _attention(q, k, v, mask, scale, causal):
+def _attention(q, k, v, mask, scale, causal, dropout_p=0.0):
     kernel = _kernel(q.device)
+    # drawn as the op runs, also in a compiled graph; a placeholder without dropout
+    seed = dropout.draw_seed() if dropout_p else _NO_SEED.clone()
     if not rules.fused_backends_selected():  # compiled graphs decide as they run
         reason = rules.BACKENDS
     else:
-        reason = _blocked(kernel, q, k, v, mask, causal, False) if _failed else None
+        reason = _blocked(kernel, q, k, v, mask, causal, False, dropout_p) if _failed else None
     if reason is None:
         try:
-            return _forward(kernel, q, k, v, mask, scale, causal)
+            return (*_forward(kernel, q, k, v, mask, scale, causal, dropout_p, seed), seed)
         except Exception as error:
-            reason = kernel_failed(kernel, error, "forward", q, k, v, mask, causal, False)
+            reason = kernel_failed(kernel, error, "forward", q, k, v, mask, causal, False, dropout_p)
     # Run by a compiled graph or under a dispatch mode: no user call to hand back to, so
     # PyTorch answers from these tensors. The lse is a placeholder, remembered so that the
     # backward recomputes with PyTorch and never reads it.
     counters.count_fallback(reason)
     batch, heads, length, _ = q.shape
-    out = to_layout(_pytorch_attention(q, k, v, mask, scale, causal), kernel.layout)
+    out = to_layout(_pytorch_attention(q, k, v, mask, scale, causal, dropout_p, seed), kernel.layout)
     lse = q.new_zeros((batch, heads, length), dtype=_lse_dtype(q.dtype))
     _answered_by_pytorch[id(lse)] = lse
-    return out, lse
+    return out, lse, seed
 
 
-def _attention_backward(grad_out, q, k, v, out, lse, mask, scale, causal, kernel=None):
+def _attention_backward(
+    grad_out, q, k, v, out, lse, mask, scale, causal, kernel=None, dropout_p=0.0, seed=None
+):
     current = kernels.by_device.get(q.device) or kernels.resolve(q.device)
     answered_by_kernel = _answered_by_pytorch.get(id(lse)) is not lse
     if answered_by_kernel and type(current) is not str and (kernel is None or current.name == kernel):
-        return _backward(current, grad_out, q, k, v, out, lse, mask, scale, causal)
+        return _backward(current, grad_out, q, k, v, out, lse, mask, scale, causal, dropout_p, seed)
     # PyTorch answered the forward, or the registry changed since: no kernel here can read the lse
-    return _pytorch_grads(grad_out, q, k, v, mask, scale, causal)
+    return _pytorch_grads(grad_out, q, k, v, mask, scale, causal, dropout_p=dropout_p, seed=seed)
 
 
 _lib.impl("attention", _attention, "CompositeExplicitAutograd")
@@ -191,15 +225,16 @@ _lib.impl("attention_backward", _attention_backward, "CompositeExplicitAutograd"
 
 
 @torch.library.register_fake("metal_flash_sdpa::attention")
-def _attention_fake(q, k, v, mask, scale, causal):
+def _attention_fake(q, k, v, mask, scale, causal, dropout_p=0.0):
     layout = _kernel(q.device, cache=False).layout
     batch, heads, length, _ = q.shape
     out = _empty((batch, heads, length, v.shape[-1]), layout, q)
-    return out, q.new_empty((batch, heads, length), dtype=_lse_dtype(q.dtype))
+    seed = torch.empty((), dtype=torch.int64, device="cpu")
+    return out, q.new_empty((batch, heads, length), dtype=_lse_dtype(q.dtype)), seed
 
 
 @torch.library.register_fake("metal_flash_sdpa::attention_backward")
-def _attention_backward_fake(grad_out, q, k, v, out, lse, mask, scale, causal, kernel=None):
+def _attention_backward_fake(grad_out, q, k, v, out, lse, mask, scale, causal, kernel=None, dropout_p=0.0, seed=None):
     layout = _kernel(q.device, cache=False).layout
     return _empty(q.shape, layout, q), _empty(k.shape, layout, k), _empty(v.shape, layout, v)
 
@@ -209,29 +244,32 @@ class _Attention(torch.autograd.Function):
     torch.library.register_autograd's Python wrapper); torch.compile traces it."""
 
     @staticmethod
-    def forward(ctx, kernel, q, k, v, mask, scale, causal):
-        out, lse = _run_attention(kernel, q, k, v, mask, scale, causal)
-        ctx.save_for_backward(q, k, v, out, lse, mask)
+    def forward(ctx, kernel, q, k, v, mask, scale, causal, dropout_p):
+        out, lse, seed = _run_attention(kernel, q, k, v, mask, scale, causal, dropout_p)
+        ctx.save_for_backward(q, k, v, out, lse, mask, seed)
         ctx.kernel = kernel  # the backward must be this kernel's: only it reads its lse
         ctx.scale = scale
         ctx.causal = causal
+        ctx.dropout_p = dropout_p
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse, mask = ctx.saved_tensors
-        kernel = ctx.kernel
+        q, k, v, out, lse, mask, seed = ctx.saved_tensors
+        kernel, scale, causal, dropout_p = ctx.kernel, ctx.scale, ctx.causal, ctx.dropout_p
         if _is_compiling() or _dispatch_modes():
             grad_out = to_layout(grad_out, kernel.layout)
-            dq, dk, dv = _attention_backward_op(grad_out, q, k, v, out, lse, mask, ctx.scale, ctx.causal, kernel.name)
+            dq, dk, dv = _attention_backward_op(
+                grad_out, q, k, v, out, lse, mask, scale, causal, kernel.name, dropout_p, seed
+            )
         elif _functorch_transform() is not None or _is_legacy_batched(grad_out):
             # under vmap (is_grads_batched, gradcheck's batched check, torch.func.vmap over
             # a backward): a kernel cannot batch, PyTorch's own backward can
-            dq, dk, dv = _pytorch_grads(grad_out, q, k, v, mask, ctx.scale, ctx.causal, batched=True)
+            dq, dk, dv = _pytorch_grads(grad_out, q, k, v, mask, scale, causal, True, dropout_p, seed)
         else:
             grad_out = to_layout(grad_out, kernel.layout)
-            dq, dk, dv = _backward(kernel, grad_out, q, k, v, out, lse, mask, ctx.scale, ctx.causal)
-        return None, dq, dk, dv, None, None, None
+            dq, dk, dv = _backward(kernel, grad_out, q, k, v, out, lse, mask, scale, causal, dropout_p, seed)
+        return None, dq, dk, dv, None, None, None, None
 
 
 _attention_op = torch.ops.metal_flash_sdpa.attention.default
@@ -242,13 +280,15 @@ _functorch_transform = torch._C._functorch.peek_interpreter_stack
 _is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
 
 
-def _run_attention(kernel, q, k, v, mask, scale, causal):
+def _run_attention(kernel, q, k, v, mask, scale, causal, dropout_p):
+    """-> (out, lse, the dropout seed: None without dropout in eager)."""
     # Eager with no dispatch mode active, the dispatcher would only call _attention: skip
     # its ~2 us (a kernel failure propagates, and the caller answers with PyTorch's SDPA).
     # Compiled graphs and dispatch modes (fake tensors, flop counters) see the op.
     if _is_compiling() or _dispatch_modes():
-        return _attention_op(q, k, v, mask, scale, causal)
-    return _forward(kernel, q, k, v, mask, scale, causal)
+        return _attention_op(q, k, v, mask, scale, causal, dropout_p)
+    seed = dropout.draw_seed() if dropout_p else None
+    return (*_forward(kernel, q, k, v, mask, scale, causal, dropout_p, seed), seed)
 
 
 def _as_4d(t):
@@ -281,7 +321,7 @@ def _additive_mask_4d(mask, q, kv_len):
     return mask.expand(mask.shape[0], mask.shape[1], q.shape[-2], kv_len)
 
 
-def attention(kernel, q, k, v, mask, causal, scale, needs_grad):
+def attention(kernel, q, k, v, mask, causal, scale, needs_grad, dropout_p=0.0):
     """Run a call the rules accepted for ``kernel``; returns SDPA's output. Raises what the
     kernel raises: the dispatcher then answers the call with PyTorch's SDPA."""
     layout = kernel.layout
@@ -289,8 +329,9 @@ def attention(kernel, q, k, v, mask, causal, scale, needs_grad):
         mask = _additive_mask_4d(mask, q, k.shape[-2])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     q4, k4, v4 = to_layout(_as_4d(q), layout), to_layout(_as_4d(k), layout), to_layout(_as_4d(v), layout)
+    dropout_p = float(dropout_p)
     if needs_grad:
-        out = _Attention.apply(kernel, q4, k4, v4, mask, scale, causal)
+        out = _Attention.apply(kernel, q4, k4, v4, mask, scale, causal, dropout_p)
     else:  # nothing saved for backward
-        out, _ = _run_attention(kernel, q4, k4, v4, mask, scale, causal)
+        out = _run_attention(kernel, q4, k4, v4, mask, scale, causal, dropout_p)[0]
     return out if q.dim() == 4 else out.view(*q.shape[:-1], v.shape[-1])

@@ -55,7 +55,8 @@ FUNCTORCH = "inside a torch.func transform"
 DEVICES = "tensors on different devices"
 DTYPES = "query, key and value have different dtypes"
 ARGUMENT_TYPES = "dropout_p, is_causal, scale or enable_gqa of the wrong type"
-DROPOUT = "dropout_p != 0"
+# 0 < dropout_p < 1 goes to a kernel that supports_dropout; 1, negative or NaN to PyTorch
+DROPOUT = "dropout_p outside [0, 1)"
 CAUSAL_WITH_MASK = "is_causal with attn_mask"
 BATCH_DIMS = "batch dims differ between query, key and value"
 EMPTY = "empty tensors"
@@ -110,7 +111,7 @@ def evaluate(q, k, v, mask, dropout_p, causal, scale, gqa):
         or type(gqa) is not bool
     ):
         return ARGUMENT_TYPES, None, False
-    if dropout_p != 0:
+    if dropout_p != 0 and not 0 < dropout_p < 1:
         return DROPOUT, None, False
     qs, ks, vs = q.shape, k.shape, v.shape
     reason = check_shapes(qs, ks, vs, gqa)
@@ -120,7 +121,7 @@ def evaluate(q, k, v, mask, dropout_p, causal, scale, gqa):
         reason = EMPTY
     if reason is None:
         grad = _is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        call = describe(qs, ks, vs, q.dtype, mask, causal, grad, scale)
+        call = describe(qs, ks, vs, q.dtype, mask, causal, grad, scale, dropout_p)
         reason = kernel.supports(call)
         # The last rule: not a configuration the kernel raised on (ops.kernel_failed); looked
         # up only once a kernel has failed. Not while compiling (a graph would guard on the
@@ -176,7 +177,7 @@ def check_mask(mask, dtype, q, k) -> Optional[str]:
     return None
 
 
-def describe(q, k, v, dtype, mask, causal, needs_grad, scale=None) -> Call:
+def describe(q, k, v, dtype, mask, causal, needs_grad, scale=None, dropout_p=0.0) -> Call:
     """The call as a kernel's ``supports()`` sees it (shapes ``q``, ``k``, ``v`` as 4-D,
     leading dims flattened into the batch)."""
     return Call(
@@ -193,6 +194,7 @@ def describe(q, k, v, dtype, mask, causal, needs_grad, scale=None) -> Call:
         mask is not None and mask.dim() >= 3 and mask.shape[-3] != 1,
         needs_grad,
         scale,
+        float(dropout_p),
     )
 
 
@@ -202,15 +204,18 @@ def configuration(kernel_name: str, device_type: str, call: Call) -> tuple:
     kind: the op layer hands every kernel an additive mask, so a bool and an additive mask
     run the same kernel (and the op layer, seeing only the converted mask, finds the same key).
     ``needs_grad`` comes last (a forward failure blocks both values)."""
-    dtype, _, q_heads, kv_heads, _, _, head_dim, value_dim, causal, mask, per_head, needs_grad, _ = call
-    masked = mask is not None
-    return kernel_name, device_type, dtype, head_dim, value_dim, q_heads, kv_heads, causal, masked, per_head, needs_grad
+    dtype, _, q_heads, kv_heads, _, _, head_dim, value_dim, causal, mask, per_head, needs_grad, _, dropout_p = call
+    masked, dropout = mask is not None, dropout_p > 0
+    return (
+        kernel_name, device_type, dtype, head_dim, value_dim, q_heads, kv_heads, causal, masked, per_head, dropout,
+        needs_grad,
+    )
 
 
 # names of configuration()'s fields, for messages
 CONFIGURATION_FIELDS = (
     "kernel", "device", "dtype", "head_dim", "value_dim", "q_heads", "kv_heads",
-    "causal", "masked", "mask_per_head", "needs_grad",
+    "causal", "masked", "mask_per_head", "dropout", "needs_grad",
 )
 
 

@@ -83,10 +83,17 @@ def test_opcheck(reference_cpu):
     mask = torch.randn(2, 1, 20, 20)
     torch.library.opcheck(torch.ops.metal_flash_sdpa.attention.default, (q, k, v, mask, 0.25, False))
     torch.library.opcheck(torch.ops.metal_flash_sdpa.attention.default, (q, k, v, None, 0.25, True))
-    out, lse = ops._attention_op(q, k, v, None, 0.25, True)
+    out, lse, _ = ops._attention_op(q, k, v, None, 0.25, True)
     grad = torch.randn_like(out)
     torch.library.opcheck(
         torch.ops.metal_flash_sdpa.attention_backward.default, (grad, q, k, v, out, lse, None, 0.25, True)
+    )
+    # with dropout: the seed the forward drew, handed to the backward
+    torch.library.opcheck(torch.ops.metal_flash_sdpa.attention.default, (q, k, v, mask, 0.25, False, 0.2))
+    out, lse, seed = ops._attention_op(q, k, v, mask, 0.25, False, 0.2)
+    torch.library.opcheck(
+        torch.ops.metal_flash_sdpa.attention_backward.default,
+        (grad, q, k, v, out, lse, mask, 0.25, False, "reference", 0.2, seed),
     )
 
 

@@ -57,6 +57,7 @@ CAPABILITIES = (
     "mask_forward",
     "mask_backward",
     "mask_per_head",
+    "supports_dropout",
 )
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 LENGTH = 40  # above the block of 32 below: two query blocks per call

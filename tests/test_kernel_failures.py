@@ -301,7 +301,7 @@ def test_opcheck_on_the_failure_paths(serve, warned):
     q, k, v = (torch.randn(1, 20, 4, 16).transpose(1, 2) for _ in "qkv")
     mask = torch.randn(1, 4, 20, 20)
     torch.library.opcheck(torch.ops.metal_flash_sdpa.attention.default, (q, k, v, mask, 0.25, False))
-    out, lse = torch.ops.metal_flash_sdpa.attention.default(q, k, v, None, 0.25, True)
+    out, lse, _ = torch.ops.metal_flash_sdpa.attention.default(q, k, v, None, 0.25, True)
     grad = torch.randn_like(out)
     for kernel_name in ("flaky", "other"):  # blocked configuration; another kernel's forward
         args = (grad, q, k, v, out, lse, None, 0.25, True, kernel_name)

@@ -68,7 +68,9 @@ RULES = [
     (rules.ARGUMENT_TYPES, with_(dropout_p=0), with_(dropout_p=torch.tensor(0.0))),
     (rules.ARGUMENT_TYPES, with_(scale=2), with_(scale="2")),
     (rules.ARGUMENT_TYPES, with_(is_causal=True), with_(is_causal=1)),
-    (rules.DROPOUT, with_(dropout_p=0.0), with_(dropout_p=0.1)),
+    (rules.DROPOUT, with_(dropout_p=0.0), with_(dropout_p=1.0)),
+    (rules.DROPOUT, with_(dropout_p=0.0), with_(dropout_p=-0.1)),
+    (rules.DROPOUT, with_(dropout_p=0.0), with_(dropout_p=float("nan"))),
     ("query, key and value have different ranks", shaped((1, 2, 16, 8)), shaped((1, 2, 16, 8), (2, 16, 8))),
     (rules.BATCH_DIMS, shaped((2, 2, 16, 8)), shaped((2, 2, 16, 8), (1, 2, 16, 8))),
     ("query and key head dims differ", shaped((1, 2, 16, 8), (1, 2, 16, 8), (1, 2, 16, 4)), shaped((1, 2, 16, 8), (1, 2, 16, 4))),
@@ -257,7 +259,7 @@ def test_log_first_occurrence_of_each_reason(tmp_path):
         "m.register_kernel('cpu', m.ReferenceKernel()); m.enable(); m.MIN_SEQ_LEN = 16\n"
         "short, full = torch.randn(1, 2, 8, 4), torch.randn(1, 2, 16, 4)\n"
         "for _ in range(3): torch.nn.functional.scaled_dot_product_attention(short, short, short)\n"
-        "for _ in range(2): torch.nn.functional.scaled_dot_product_attention(full, full, full, dropout_p=0.5)\n"
+        "for _ in range(2): torch.nn.functional.scaled_dot_product_attention(full, full, full, dropout_p=1.0)\n"
         "print(sorted(m.fallback_counts().values()))\n"
     )
     result = run_python(code, env={"MFA_LOG": "1"})

@@ -33,6 +33,7 @@ class Call(NamedTuple):
     mask_per_head: bool  # the mask differs between heads (its head dim is not 1)
     needs_grad: bool  # autograd will ask this kernel for a backward
     scale: Optional[float] = None  # SDPA's scale argument; None: 1/sqrt(head_dim)
+    dropout_p: float = 0.0  # in [0, 1): the rules send no other value to a kernel
 
     @property
     def softmax_scale(self) -> float:
@@ -60,6 +61,8 @@ class Kernel:
     mask_forward = False
     mask_backward = False
     mask_per_head = False  # False: masks must broadcast over heads
+    # Attention dropout with metal_flash_sdpa.dropout's keep decisions, forward and backward
+    supports_dropout = False
     # Per-dtype tolerances this kernel promises against PyTorch's math SDPA: (atol, rtol).
     tolerances: dict = {}
 
@@ -82,6 +85,8 @@ class Kernel:
             reason = self._check_causal(call, self.causal_backward if call.needs_grad else self.causal_forward)
             if reason:
                 return reason + (" with grad" if call.needs_grad else "")
+        if call.dropout_p and not self.supports_dropout:
+            return f"dropout not supported by {self.name}"
         if call.mask is not None:
             if not (self.mask_backward if call.needs_grad else self.mask_forward):
                 return f"attn_mask not supported by {self.name}" + (" with grad" if call.needs_grad else "")
@@ -98,7 +103,7 @@ class Kernel:
             return f"is_causal with q_len != kv_len not supported by {self.name}"
         return f"is_causal not supported by {self.name}"
 
-    def forward(self, q, k, v, scale: float, causal: bool, mask):
+    def forward(self, q, k, v, scale: float, causal: bool, mask, dropout=None):
         """-> (out, lse).
 
         ``out``: logical ``[B, Hq, Sq, Dv]`` in q's dtype, memory contiguous in ``layout``
@@ -107,11 +112,15 @@ class Kernel:
         ``mask`` is None or an additive mask in q's dtype, 4-D ``[Bm, Hm, Sq, Sk]`` with
         ``Bm`` in (1, B) and ``Hm`` in (1, Hq), possibly a broadcast (stride-0) view; the
         op layer converted a bool mask (True = attend) to 0 / -inf.
+        ``dropout``: passed only to a kernel that ``supports_dropout``, and only when the call
+        drops: ``(p, seed)``, 0 < p < 1 and a 64-bit seed; probabilities are kept as
+        ``metal_flash_sdpa.dropout.keep_mask`` decides and scaled by 1/(1-p), after the
+        softmax statistics (``lse`` is that of the softmax without dropout).
         """
         raise NotImplementedError
 
-    def backward(self, grad_out, q, k, v, out, lse, scale: float, causal: bool, mask):
+    def backward(self, grad_out, q, k, v, out, lse, scale: float, causal: bool, mask, dropout=None):
         """-> (dq, dk, dv) with the shapes and dtypes of q, k, v, contiguous in ``layout``
         order; GQA grads summed over the query heads of each key head. ``grad_out`` is
-        contiguous in ``layout`` order."""
+        contiguous in ``layout`` order. ``dropout``: the forward's, when it dropped."""
         raise NotImplementedError

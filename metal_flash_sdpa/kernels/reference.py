@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from .. import dropout as _dropout
 from .base import Kernel
 
 _INF = math.inf
@@ -28,6 +29,7 @@ class ReferenceKernel(Kernel):
     mask_forward = True
     mask_backward = True
     mask_per_head = True
+    supports_dropout = True
     # Against PyTorch's SDPA in the same dtype: (atol, rtol) for outputs and gradients.
     tolerances = {
         torch.float64: (1e-10, 1e-8),
@@ -85,7 +87,18 @@ class ReferenceKernel(Kernel):
         lse = (row_max + torch.log(row_sum)).squeeze(-1)
         return probs.div_(row_sum.clamp_min_(torch.finfo(probs.dtype).tiny)), lse
 
-    def forward(self, q, k, v, scale, causal, mask):
+    @staticmethod
+    def _dropped(probs, dropout, start, stop):
+        """``probs`` (grouped [B, Hk, G, rows, S]) with dropout applied in place: the keep
+        decisions of query rows start..stop, kept values scaled by 1/(1-p)."""
+        if dropout is None:
+            return probs
+        p, seed = dropout
+        batch, kv_heads, groups, _, columns = probs.shape
+        keep = _dropout.keep_mask(seed, p, batch, kv_heads * groups, range(start, stop), columns, probs.device)
+        return probs.mul_(keep.view(probs.shape)).mul_(1.0 / (1.0 - p))
+
+    def forward(self, q, k, v, scale, causal, mask, dropout=None):
         batch, q_heads, q_len, _ = q.shape
         qg, kg, vg, mask = self._grouped(q, k, v, mask)
         out = torch.empty(*qg.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
@@ -93,10 +106,10 @@ class ReferenceKernel(Kernel):
         for start in range(0, q_len, self.block_size):
             stop = min(start + self.block_size, q_len)
             probs, lse[..., start:stop] = self._probs(qg[..., start:stop, :], kg, scale, mask, causal, start, stop)
-            out[..., start:stop, :] = torch.matmul(probs, vg)
+            out[..., start:stop, :] = torch.matmul(self._dropped(probs, dropout, start, stop), vg)
         return out.view(batch, q_heads, q_len, -1), lse.view(batch, q_heads, q_len)
 
-    def backward(self, grad_out, q, k, v, out, lse, scale, causal, mask):
+    def backward(self, grad_out, q, k, v, out, lse, scale, causal, mask, dropout=None):
         batch, q_heads, q_len, head_dim = q.shape
         kv_heads = k.shape[1]
         qg, kg, vg, mask = self._grouped(q, k, v, mask)
@@ -112,8 +125,14 @@ class ReferenceKernel(Kernel):
             q_block = qg[..., start:stop, :]
             do_block = dog[..., start:stop, :]
             probs, _ = self._probs(q_block, kg, scale, mask, causal, start, stop)
-            dv += torch.matmul(probs.transpose(-1, -2), do_block).sum(2)
             dprobs = torch.matmul(do_block, vg.transpose(-1, -2))
+            if dropout is None:
+                dv += torch.matmul(probs.transpose(-1, -2), do_block).sum(2)
+            else:  # the forward's keep decisions, regenerated: Z = keep / (1 - p)
+                dropped = self._dropped(probs.clone(), dropout, start, stop)
+                dv += torch.matmul(dropped.transpose(-1, -2), do_block).sum(2)
+                dprobs = self._dropped(dprobs, dropout, start, stop)  # dP = (dO V^T) * Z
+            # D = rowsum(dO * O) = rowsum(P * dP), with or without dropout
             dscores = probs.mul_(dprobs.sub_(delta[..., start:stop].unsqueeze(-1)))
             dq[..., start:stop, :] = torch.matmul(dscores, kg).mul_(scale)
             dk += torch.matmul(dscores.transpose(-1, -2), q_block).sum(2).mul_(scale)
