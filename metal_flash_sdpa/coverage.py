@@ -30,6 +30,8 @@ def representative_calls():
     # large enough for MFA's 1 GiB scratch limit with a backward, not without
     huge = Call(torch.float16, 1, 32, 32, 32768, 32768, 128, 128, False, None, False, False)
     rows.append(("float16, 1 x 32 heads x 32768 tokens, head dim 128", huge))
+    learned = _plain(torch.float16)._replace(mask="additive", mask_per_head=True, mask_grad=True)
+    rows.append(("float16, learned additive bias [1, H, L, S] (requires grad)", learned))
     rows.append(("float16, attention dropout 0.1", _plain(torch.float16)._replace(dropout_p=0.1)))
     rows.append(("float16, causal, attention dropout 0.1", _plain(torch.float16)._replace(causal=True, dropout_p=0.1)))
     for pattern in PATTERNS:

@@ -37,9 +37,9 @@ _lib.define(
 )
 _lib.define(
     "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-    "Tensor? mask, float scale, bool causal, str? kernel=None, float dropout_p=0.0, Tensor? seed=None) "
-    "-> (Tensor, Tensor, Tensor)"
-)
+    "Tensor? mask, float scale, bool causal, str? kernel=None, float dropout_p=0.0, Tensor? seed=None, "
+    "bool mask_grad=False) -> (Tensor, Tensor, Tensor, Tensor)"
+)  # the fourth output: the mask's gradient (``_mask_grad_shape``) with mask_grad, else empty
 _failed = kernels.failed
 _failed_lock = threading.Lock()  # one warning per configuration, even under threads
 _pytorch_sdpa = torch._C._nn.scaled_dot_product_attention  # PyTorch's own, whatever is patched
@@ -133,18 +133,20 @@ def _forward(kernel, q, k, v, mask, scale, causal, dropout_p=0.0, seed=None):
     return result
 
 
-def _backward(kernel, grad_out, q, k, v, out, lse, mask, scale, causal, dropout_p=0.0, seed=None):
-    """The kernel's backward; PyTorch's gradients if it raises or the configuration is blocked."""
+def _backward(kernel, grad_out, q, k, v, out, lse, mask, scale, causal, dropout_p=0.0, seed=None, mask_grad=False):
+    """The kernel's backward, -> (dq, dk, dv) or with ``mask_grad`` (dq, dk, dv, dmask);
+    PyTorch's gradients if it raises or the configuration is blocked."""
     if not _failed or _blocked(kernel, q, k, v, mask, causal, True, dropout_p) is None:
+        options = {}  # kernels that never drop nor differentiate masks need not take these
+        if dropout_p:
+            options["dropout"] = _dropout(dropout_p, seed)
+        if mask_grad:
+            options["mask_grad"] = True
         try:
-            if dropout_p:
-                return kernel.backward(
-                    grad_out, q, k, v, out, lse, scale, causal, mask, dropout=_dropout(dropout_p, seed)
-                )
-            return kernel.backward(grad_out, q, k, v, out, lse, scale, causal, mask)
+            return kernel.backward(grad_out, q, k, v, out, lse, scale, causal, mask, **options)
         except Exception as error:
             kernel_failed(kernel, error, "backward", q, k, v, mask, causal, True, dropout_p)
-    return _pytorch_grads(grad_out, q, k, v, mask, scale, causal, dropout_p=dropout_p, seed=seed)
+    return _pytorch_grads(grad_out, q, k, v, mask, scale, causal, False, dropout_p, seed, mask_grad)
 
 
 def _pytorch_attention(q, k, v, mask, scale, causal, dropout_p=0.0, seed=None):
@@ -169,20 +171,28 @@ def _with_autograd():
     return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
 
 
-def _pytorch_grads(grad_out, q, k, v, mask, scale, causal, batched=False, dropout_p=0.0, seed=None):
-    """dq, dk, dv recomputed by PyTorch from the saved inputs, with their strides (the
-    layout the kernel contract and the fake implementation promise), except for a
-    ``batched`` grad_out (under vmap), whose gradients vmap lays out itself."""
+def _pytorch_grads(grad_out, q, k, v, mask, scale, causal, batched=False, dropout_p=0.0, seed=None, mask_grad=False):
+    """dq, dk, dv (and with ``mask_grad`` dmask, as a kernel returns it) recomputed by
+    PyTorch from the saved inputs, with their strides (the layout the kernel contract and
+    the fake implementation promise), except for a ``batched`` grad_out (under vmap), whose
+    gradients vmap lays out itself."""
+    primals = (q, k, v, mask) if mask_grad else (q, k, v)
+
+    def attention(q, k, v, *masked):
+        return _pytorch_attention(q, k, v, masked[0] if masked else mask, scale, causal, dropout_p, seed)
+
     if _functorch_transform() is not None:  # requires_grad_ is refused inside functorch transforms
-        _, vjp = torch.func.vjp(lambda *qkv: _pytorch_attention(*qkv, mask, scale, causal, dropout_p, seed), q, k, v)
-        return vjp(grad_out)
-    inputs = [t.detach().requires_grad_() for t in (q, k, v)]
-    with _with_autograd(), torch.enable_grad():
-        out = _pytorch_attention(*inputs, mask, scale, causal, dropout_p, seed)
-        grads = torch.autograd.grad(out, inputs, grad_out)
+        grads = torch.func.vjp(attention, *primals)[1](grad_out)
+    else:
+        inputs = [t.detach().requires_grad_() for t in primals]
+        with _with_autograd(), torch.enable_grad():
+            grads = torch.autograd.grad(attention(*inputs), inputs, grad_out)
+    if mask_grad:  # PyTorch's is the size of the broadcast mask: summed as a kernel's is
+        grads = (*grads[:3], grads[3].sum_to_size(_mask_grad_shape(mask)))
     if batched:
         return grads
-    return tuple(g if g.stride() == t.stride() else torch.empty_like(t).copy_(g) for t, g in zip((q, k, v), grads))
+    laid_out = (g if g.stride() == t.stride() else torch.empty_like(t).copy_(g) for t, g in zip((q, k, v), grads))
+    return (*laid_out, *grads[3:])
 
 
 def _attention(q, k, v, mask, scale, causal, dropout_p=0.0):
@@ -210,14 +220,15 @@ def _attention(q, k, v, mask, scale, causal, dropout_p=0.0):
 
 
 def _attention_backward(
-    grad_out, q, k, v, out, lse, mask, scale, causal, kernel=None, dropout_p=0.0, seed=None
+    grad_out, q, k, v, out, lse, mask, scale, causal, kernel=None, dropout_p=0.0, seed=None, mask_grad=False
 ):
     current = kernels.by_device.get(q.device) or kernels.resolve(q.device)
     answered_by_kernel = _answered_by_pytorch.get(id(lse)) is not lse
     if answered_by_kernel and type(current) is not str and (kernel is None or current.name == kernel):
-        return _backward(current, grad_out, q, k, v, out, lse, mask, scale, causal, dropout_p, seed)
-    # PyTorch answered the forward, or the registry changed since: no kernel here can read the lse
-    return _pytorch_grads(grad_out, q, k, v, mask, scale, causal, dropout_p=dropout_p, seed=seed)
+        grads = _backward(current, grad_out, q, k, v, out, lse, mask, scale, causal, dropout_p, seed, mask_grad)
+    else:  # PyTorch answered the forward, or the registry changed since: no kernel can read the lse
+        grads = _pytorch_grads(grad_out, q, k, v, mask, scale, causal, False, dropout_p, seed, mask_grad)
+    return grads if mask_grad else (*grads, q.new_empty(0))
 
 
 _lib.impl("attention", _attention, "CompositeExplicitAutograd")
@@ -234,9 +245,17 @@ def _attention_fake(q, k, v, mask, scale, causal, dropout_p=0.0):
 
 
 @torch.library.register_fake("metal_flash_sdpa::attention_backward")
-def _attention_backward_fake(grad_out, q, k, v, out, lse, mask, scale, causal, kernel=None, dropout_p=0.0, seed=None):
+def _attention_backward_fake(
+    grad_out, q, k, v, out, lse, mask, scale, causal, kernel=None, dropout_p=0.0, seed=None, mask_grad=False
+):
     layout = _kernel(q.device, cache=False).layout
-    return _empty(q.shape, layout, q), _empty(k.shape, layout, k), _empty(v.shape, layout, v)
+    dmask = mask.new_empty(_mask_grad_shape(mask)) if mask_grad else q.new_empty(0)
+    return _empty(q.shape, layout, q), _empty(k.shape, layout, k), _empty(v.shape, layout, v), dmask
+
+
+def _mask_grad_shape(mask):
+    """The shape of an additive mask's gradient as kernels return it: 1 where it broadcasts."""
+    return tuple(1 if stride == 0 or size == 1 else size for size, stride in zip(mask.shape, mask.stride()))
 
 
 class _Attention(torch.autograd.Function):
@@ -245,6 +264,9 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, kernel, q, k, v, mask, scale, causal, dropout_p):
+        # ``mask`` not yet expanded over rows and keys: a learned bias's gradient comes back
+        # at its own size (the kernel sums over what broadcasts)
+        mask = None if mask is None else _expand_mask(mask, q.shape[2], k.shape[2])
         out, lse, seed = _run_attention(kernel, q, k, v, mask, scale, causal, dropout_p)
         ctx.save_for_backward(q, k, v, out, lse, mask, seed)
         ctx.kernel = kernel  # the backward must be this kernel's: only it reads its lse
@@ -257,19 +279,20 @@ class _Attention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, lse, mask, seed = ctx.saved_tensors
         kernel, scale, causal, dropout_p = ctx.kernel, ctx.scale, ctx.causal, ctx.dropout_p
+        mask_grad = ctx.needs_input_grad[4]
         if _is_compiling() or _dispatch_modes():
             grad_out = to_layout(grad_out, kernel.layout)
-            dq, dk, dv = _attention_backward_op(
-                grad_out, q, k, v, out, lse, mask, scale, causal, kernel.name, dropout_p, seed
+            grads = _attention_backward_op(
+                grad_out, q, k, v, out, lse, mask, scale, causal, kernel.name, dropout_p, seed, mask_grad
             )
         elif _functorch_transform() is not None or _is_legacy_batched(grad_out):
             # under vmap (is_grads_batched, gradcheck's batched check, torch.func.vmap over
             # a backward): a kernel cannot batch, PyTorch's own backward can
-            dq, dk, dv = _pytorch_grads(grad_out, q, k, v, mask, scale, causal, True, dropout_p, seed)
+            grads = _pytorch_grads(grad_out, q, k, v, mask, scale, causal, True, dropout_p, seed, mask_grad)
         else:
             grad_out = to_layout(grad_out, kernel.layout)
-            dq, dk, dv = _backward(kernel, grad_out, q, k, v, out, lse, mask, scale, causal, dropout_p, seed)
-        return None, dq, dk, dv, None, None, None, None
+            grads = _backward(kernel, grad_out, q, k, v, out, lse, mask, scale, causal, dropout_p, seed, mask_grad)
+        return None, *grads[:3], grads[3] if mask_grad else None, None, None, None
 
 
 _attention_op = torch.ops.metal_flash_sdpa.attention.default
@@ -306,6 +329,15 @@ def additive_mask(mask, dtype):
 
 def _additive_mask_4d(mask, q, kv_len):
     """``mask`` as the kernel contract wants it: additive, q's dtype, [Bm, Hm, Sq, Sk]."""
+    return _expand_mask(_mask_4d(mask, q), q.shape[-2], kv_len)
+
+
+def _expand_mask(mask, q_len, kv_len):
+    return mask.expand(mask.shape[0], mask.shape[1], q_len, kv_len)
+
+
+def _mask_4d(mask, q):
+    """``mask`` additive, in q's dtype, 4-D [Bm, Hm, Sq or 1, Sk or 1]: not yet expanded."""
     rank = q.dim()
     if mask.dim() < rank:
         mask = mask.view((1,) * (rank - mask.dim()) + tuple(mask.shape))
@@ -318,7 +350,7 @@ def _additive_mask_4d(mask, q, kv_len):
             mask = mask.expand(*q.shape[:-3], *mask.shape[-3:]).reshape(-1, *mask.shape[-3:])
     if mask.dtype == torch.bool:  # converted before broadcasting, to stay small
         mask = additive_mask(mask, q.dtype)
-    return mask.expand(mask.shape[0], mask.shape[1], q.shape[-2], kv_len)
+    return mask
 
 
 def attention(kernel, q, k, v, mask, causal, scale, needs_grad, dropout_p=0.0):
@@ -326,12 +358,18 @@ def attention(kernel, q, k, v, mask, causal, scale, needs_grad, dropout_p=0.0):
     kernel raises: the dispatcher then answers the call with PyTorch's SDPA."""
     layout = kernel.layout
     if mask is not None:
-        mask = _additive_mask_4d(mask, q, k.shape[-2])
+        mask = _mask_4d(mask, q)
+        if mask.requires_grad and any(stride == 0 and size > 1 for size, stride in zip(mask.shape, mask.stride())):
+            # an expanded view of a learned bias: autograd wants its gradient per element
+            # (and sums it itself), where a kernel sums over every dim of stride 0
+            mask = mask.contiguous()
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     q4, k4, v4 = to_layout(_as_4d(q), layout), to_layout(_as_4d(k), layout), to_layout(_as_4d(v), layout)
     dropout_p = float(dropout_p)
     if needs_grad:
         out = _Attention.apply(kernel, q4, k4, v4, mask, scale, causal, dropout_p)
     else:  # nothing saved for backward
+        if mask is not None:
+            mask = _expand_mask(mask, q.shape[-2], k.shape[-2])
         out = _run_attention(kernel, q4, k4, v4, mask, scale, causal, dropout_p)[0]
     return out if q.dim() == 4 else out.view(*q.shape[:-1], v.shape[-1])

@@ -120,7 +120,9 @@ def evaluate(q, k, v, mask, dropout_p, causal, scale, gqa):
     if reason is None and (0 in qs or 0 in ks or 0 in vs):
         reason = EMPTY
     if reason is None:
-        grad = _is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        grad = _is_grad_enabled() and (
+            q.requires_grad or k.requires_grad or v.requires_grad or (mask is not None and mask.requires_grad)
+        )
         call = describe(qs, ks, vs, q.dtype, mask, causal, grad, scale, dropout_p)
         reason = kernel.supports(call)
         # The last rule: not a configuration the kernel raised on (ops.kernel_failed); looked
@@ -166,8 +168,6 @@ def check_mask(mask, dtype, q, k) -> Optional[str]:
     """``q``, ``k``: shapes; the mask must broadcast to (..., L, S) as PyTorch's does."""
     if mask.dtype != torch.bool and mask.dtype != dtype:
         return "attn_mask dtype is neither bool nor the query dtype"
-    if mask.requires_grad and _is_grad_enabled():
-        return "attn_mask requires grad"
     target = (*q[:-1], k[-2])
     if mask.dim() > len(target):
         return "attn_mask has more dims than query"
@@ -195,6 +195,7 @@ def describe(q, k, v, dtype, mask, causal, needs_grad, scale=None, dropout_p=0.0
         needs_grad,
         scale,
         float(dropout_p),
+        needs_grad and mask is not None and mask.requires_grad,
     )
 
 
@@ -204,7 +205,7 @@ def configuration(kernel_name: str, device_type: str, call: Call) -> tuple:
     kind: the op layer hands every kernel an additive mask, so a bool and an additive mask
     run the same kernel (and the op layer, seeing only the converted mask, finds the same key).
     ``needs_grad`` comes last (a forward failure blocks both values)."""
-    dtype, _, q_heads, kv_heads, _, _, head_dim, value_dim, causal, mask, per_head, needs_grad, _, dropout_p = call
+    dtype, _, q_heads, kv_heads, _, _, head_dim, value_dim, causal, mask, per_head, needs_grad, _, dropout_p, _ = call
     masked, dropout = mask is not None, dropout_p > 0
     return (
         kernel_name, device_type, dtype, head_dim, value_dim, q_heads, kv_heads, causal, masked, per_head, dropout,

@@ -58,6 +58,7 @@ CAPABILITIES = (
     "mask_backward",
     "mask_per_head",
     "supports_dropout",
+    "supports_mask_grad",
 )
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 LENGTH = 40  # above the block of 32 below: two query blocks per call

@@ -89,7 +89,6 @@ RULES = [
         with_(attn_mask=torch.zeros(16, 16)),
         with_(attn_mask=torch.zeros(16, 16, dtype=torch.float64)),
     ),
-    ("attn_mask requires grad", with_(attn_mask=torch.zeros(16, 16)), with_(attn_mask=torch.zeros(16, 16, requires_grad=True))),
     ("attn_mask has more dims than query", with_(attn_mask=torch.zeros(1, 1, 16, 16)), with_(attn_mask=torch.zeros(1, 1, 1, 16, 16))),
     ("attn_mask does not broadcast to (..., L, S)", with_(attn_mask=torch.zeros(2, 1, 16)), with_(attn_mask=torch.zeros(3, 16, 16))),
     (rules.NOT_TENSORS, with_(attn_mask=None), with_(attn_mask=[[0.0]])),

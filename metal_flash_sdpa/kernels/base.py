@@ -34,6 +34,7 @@ class Call(NamedTuple):
     needs_grad: bool  # autograd will ask this kernel for a backward
     scale: Optional[float] = None  # SDPA's scale argument; None: 1/sqrt(head_dim)
     dropout_p: float = 0.0  # in [0, 1): the rules send no other value to a kernel
+    mask_grad: bool = False  # an additive mask that requires grad: the backward returns its gradient
 
     @property
     def softmax_scale(self) -> float:
@@ -63,6 +64,8 @@ class Kernel:
     mask_per_head = False  # False: masks must broadcast over heads
     # Attention dropout with metal_flash_sdpa.dropout's keep decisions, forward and backward
     supports_dropout = False
+    # The gradient of an additive mask (learned biases: T5's relative positions, ALiBi-like)
+    supports_mask_grad = False
     # Per-dtype tolerances this kernel promises against PyTorch's math SDPA: (atol, rtol).
     tolerances: dict = {}
 
@@ -92,6 +95,8 @@ class Kernel:
                 return f"attn_mask not supported by {self.name}" + (" with grad" if call.needs_grad else "")
             if call.mask_per_head and not self.mask_per_head:
                 return f"per-head attn_mask not supported by {self.name}"
+            if call.needs_grad and call.mask_grad and not self.supports_mask_grad:
+                return f"attn_mask gradient not supported by {self.name}"
         return None
 
     def _check_causal(self, call: Call, alignment: Optional[str]) -> Optional[str]:
@@ -119,8 +124,11 @@ class Kernel:
         """
         raise NotImplementedError
 
-    def backward(self, grad_out, q, k, v, out, lse, scale: float, causal: bool, mask, dropout=None):
+    def backward(self, grad_out, q, k, v, out, lse, scale: float, causal: bool, mask, dropout=None, mask_grad=False):
         """-> (dq, dk, dv) with the shapes and dtypes of q, k, v, contiguous in ``layout``
         order; GQA grads summed over the query heads of each key head. ``grad_out`` is
-        contiguous in ``layout`` order. ``dropout``: the forward's, when it dropped."""
+        contiguous in ``layout`` order. ``dropout``: the forward's, when it dropped.
+        ``mask_grad`` (passed only to a kernel that ``supports_mask_grad``): also return
+        dmask, the gradient of the scores summed over every dim the mask broadcasts (size 1
+        where ``mask``'s stride is 0), in the mask's dtype: (dq, dk, dv, dmask)."""
         raise NotImplementedError

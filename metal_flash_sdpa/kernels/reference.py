@@ -30,6 +30,7 @@ class ReferenceKernel(Kernel):
     mask_backward = True
     mask_per_head = True
     supports_dropout = True
+    supports_mask_grad = True
     # Against PyTorch's SDPA in the same dtype: (atol, rtol) for outputs and gradients.
     tolerances = {
         torch.float64: (1e-10, 1e-8),
@@ -109,9 +110,10 @@ class ReferenceKernel(Kernel):
             out[..., start:stop, :] = torch.matmul(self._dropped(probs, dropout, start, stop), vg)
         return out.view(batch, q_heads, q_len, -1), lse.view(batch, q_heads, q_len)
 
-    def backward(self, grad_out, q, k, v, out, lse, scale, causal, mask, dropout=None):
+    def backward(self, grad_out, q, k, v, out, lse, scale, causal, mask, dropout=None, mask_grad=False):
         batch, q_heads, q_len, head_dim = q.shape
         kv_heads = k.shape[1]
+        dmask = _MaskGradient(mask) if mask_grad else None
         qg, kg, vg, mask = self._grouped(q, k, v, mask)
         cdt = qg.dtype
         dog = grad_out.reshape(*qg.shape[:-1], -1).to(cdt)
@@ -134,10 +136,34 @@ class ReferenceKernel(Kernel):
                 dprobs = self._dropped(dprobs, dropout, start, stop)  # dP = (dO V^T) * Z
             # D = rowsum(dO * O) = rowsum(P * dP), with or without dropout
             dscores = probs.mul_(dprobs.sub_(delta[..., start:stop].unsqueeze(-1)))
+            if dmask is not None:  # the scores' gradient is the additive mask's
+                dmask.add(dscores, start, stop)
             dq[..., start:stop, :] = torch.matmul(dscores, kg).mul_(scale)
             dk += torch.matmul(dscores.transpose(-1, -2), q_block).sum(2).mul_(scale)
-        return (
-            dq.view(batch, q_heads, q_len, head_dim).to(q.dtype),
-            dk.to(k.dtype),
-            dv.to(v.dtype),
-        )
+        grads = dq.view(batch, q_heads, q_len, head_dim).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        return grads if dmask is None else (*grads, dmask.result())
+
+
+class _MaskGradient:
+    """The additive mask's gradient, accumulated block by block at the mask's own size: the
+    scores' gradient summed over every dim the mask broadcasts (stride 0)."""
+
+    def __init__(self, mask):
+        self.dtype = mask.dtype
+        self.broadcast = [stride == 0 or size == 1 for size, stride in zip(mask.shape, mask.stride())]
+        shape = [1 if b else size for size, b in zip(mask.shape, self.broadcast)]
+        accumulate = torch.float64 if mask.dtype == torch.float64 else torch.float32
+        self.grad = torch.zeros(shape, dtype=accumulate, device=mask.device)
+
+    def add(self, dscores, start, stop):
+        """``dscores``: grouped [B, Hk, G, rows, S] for query rows start..stop."""
+        block = dscores.flatten(1, 2)  # [B, Hq, rows, S]: query head h = kv head * G + group
+        dims = [d for d, b in enumerate(self.broadcast) if b]
+        block = block.sum(dims, keepdim=True) if dims else block
+        if self.broadcast[2]:
+            self.grad += block
+        else:
+            self.grad[:, :, start:stop] += block
+
+    def result(self):
+        return self.grad.to(self.dtype)
