@@ -24,7 +24,7 @@ def scaled_dot_product_attention(
         try:
             return ops.attention(kernel, query, key, value, attn_mask, is_causal, scale, needs_grad)
         except Exception as error:  # a kernel failure never breaks the call: PyTorch answers it
-            reason = ops.kernel_failed(kernel, error, "forward", query, key, value, attn_mask, is_causal, needs_grad)
+            reason = ops.kernel_failed(kernel, error, "forward", query, key, value, attn_mask, is_causal, needs_grad, scale)
     elif reason is _AUTOCAST:
         return _under_autocast(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if not _is_compiling():

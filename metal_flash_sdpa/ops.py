@@ -65,18 +65,18 @@ def _lse_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def kernel_failed(kernel, error, stage, q, k, v, mask, causal, needs_grad) -> str:
+def kernel_failed(kernel, error, stage, q, k, v, mask, causal, needs_grad, scale=None) -> str:
     """Stop sending this call's configuration (``rules.configuration``) to ``kernel`` after
     it raised ``error`` in ``stage`` ("forward" or "backward"); -> the fallback reason, one
     per kernel, so that ``fallback_counts()`` adds its configurations up.
 
-    ``q``, ``k``, ``v``, ``mask``: the user's call or the op's 4-D one (same configuration).
+    ``q``, ``k``, ``v``, ``mask``, ``scale``: the user's call or the op's 4-D one (same configuration).
     A forward failure blocks the configuration with and without grad (the forward is the
     same kernel either way); a backward failure only with grad. The first failure of a
     configuration gives one warning line naming the kernel, the configuration and the error.
     """
     reason = f"kernel {kernel.name} failed for this configuration"
-    key = rules.configuration(kernel.name, q.device.type, _call(q, k, v, mask, causal, needs_grad))
+    key = rules.configuration(kernel.name, q.device.type, _call(q, k, v, mask, causal, needs_grad, scale))
     keys = [key] if stage == "backward" else [key[:-1] + (False,), key[:-1] + (True,)]
     with _failed_lock:
         new = [c for c in keys if c not in _failed]
@@ -93,13 +93,13 @@ def kernel_failed(kernel, error, stage, q, k, v, mask, causal, needs_grad) -> st
     return reason
 
 
-def _call(q, k, v, mask, causal, needs_grad):
-    return rules.describe(q.shape, k.shape, v.shape, q.dtype, mask, causal, needs_grad)
+def _call(q, k, v, mask, causal, needs_grad, scale):
+    return rules.describe(q.shape, k.shape, v.shape, q.dtype, mask, causal, needs_grad, scale)
 
 
-def _blocked(kernel, q, k, v, mask, causal, needs_grad):
+def _blocked(kernel, q, k, v, mask, scale, causal, needs_grad):
     """The fallback reason if this call's configuration is blocked for ``kernel``, else None."""
-    return _failed.get(rules.configuration(kernel.name, q.device.type, _call(q, k, v, mask, causal, needs_grad)))
+    return _failed.get(rules.configuration(kernel.name, q.device.type, _call(q, k, v, mask, causal, needs_grad, scale)))
 
 
 def _forward(kernel, q, k, v, mask, scale, causal):
@@ -111,11 +111,11 @@ def _forward(kernel, q, k, v, mask, scale, causal):
 
 def _backward(kernel, grad_out, q, k, v, out, lse, mask, scale, causal):
     """The kernel's backward; PyTorch's gradients if it raises or the configuration is blocked."""
-    if not _failed or _blocked(kernel, q, k, v, mask, causal, True) is None:
+    if not _failed or _blocked(kernel, q, k, v, mask, scale, causal, True) is None:
         try:
             return kernel.backward(grad_out, q, k, v, out, lse, scale, causal, mask)
         except Exception as error:
-            kernel_failed(kernel, error, "backward", q, k, v, mask, causal, True)
+            kernel_failed(kernel, error, "backward", q, k, v, mask, causal, True, scale)
     return _pytorch_grads(grad_out, q, k, v, mask, scale, causal)
 
 
@@ -146,12 +146,12 @@ def _pytorch_grads(grad_out, q, k, v, mask, scale, causal):
 
 def _attention(q, k, v, mask, scale, causal):
     kernel = _kernel(q.device)
-    reason = _blocked(kernel, q, k, v, mask, causal, False) if _failed else None
+    reason = _blocked(kernel, q, k, v, mask, scale, causal, False) if _failed else None
     if reason is None:
         try:
             return _forward(kernel, q, k, v, mask, scale, causal)
         except Exception as error:
-            reason = kernel_failed(kernel, error, "forward", q, k, v, mask, causal, False)
+            reason = kernel_failed(kernel, error, "forward", q, k, v, mask, causal, False, scale)
     # Run by a compiled graph or under a dispatch mode: no user call to hand back to, so
     # PyTorch answers from these tensors. The lse is a placeholder: the configuration is
     # blocked, so the backward recomputes with PyTorch and never reads it.

@@ -109,6 +109,31 @@ def test_forward_failure_answers_with_pytorch_then_skips_the_kernel(serve, warne
     assert "\n" not in message
 
 
+def test_the_scale_is_part_of_a_configuration(serve, warned):
+    """A kernel may compile the scale in (MFA does): a failure at one scale blocks that one."""
+
+    class FailsAtHalf(metal_flash_sdpa.ReferenceKernel):
+        name = "flaky"
+
+        def forward(self, q, k, v, scale, causal, mask):
+            if scale == 0.5:
+                raise RuntimeError(ERROR)
+            return super().forward(q, k, v, scale, causal, mask)
+
+    serve(FailsAtHalf(block_size=32))
+    for _ in range(2):
+        for scale in (None, 0.5):
+            q, k, v = qkv(grad=False)
+            out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+            torch.testing.assert_close(out, pytorch_sdpa(q, k, v, scale=scale))
+    assert metal_flash_sdpa.get_dispatch_count() == 2  # the default scale, 0.25, twice
+    assert metal_flash_sdpa.fallback_counts()[REASON] == 2
+    assert metal_flash_sdpa.explain(q, k, v, scale=0.25) is None
+    assert metal_flash_sdpa.explain(q, k, v, scale=0.5) == REASON
+    (message,) = warned()
+    assert " scale=0.5 causal=False " in message
+
+
 def test_only_the_failing_configuration_is_blocked(serve, warned):
     kernel = serve(Flaky("forward", head_dim=64))
     for _ in range(2):
