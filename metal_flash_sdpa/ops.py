@@ -23,7 +23,7 @@ import threading
 
 import torch
 
-from . import config, counters, kernels, rules
+from . import config, counters, kernels, rules, trust
 
 _lib = torch.library.Library("metal_flash_sdpa", "DEF")
 _lib.define("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal) -> (Tensor, Tensor)")
@@ -34,6 +34,7 @@ _lib.define(
 _failed = kernels.failed
 _failed_lock = threading.Lock()  # one warning per configuration, even under threads
 _pytorch_sdpa = torch._C._nn.scaled_dot_product_attention  # PyTorch's own, whatever is patched
+_verify = trust.verify
 _key = torch._C.DispatchKey
 # autograd's dispatch keys and its view tracking: what a dispatch mode excludes that autograd needs
 _AUTOGRAD_KEYS = (_key.ADInplaceOrView, _key.AutogradCPU, _key.AutogradOther, _key.AutogradNestedTensor)
@@ -67,21 +68,25 @@ def _lse_dtype(dtype):
 
 def kernel_failed(kernel, error, stage, q, k, v, mask, causal, needs_grad, scale=None) -> str:
     """Stop sending this call's configuration (``rules.configuration``) to ``kernel`` after
-    it raised ``error`` in ``stage`` ("forward" or "backward"); -> the fallback reason, one
-    per kernel, so that ``fallback_counts()`` adds its configurations up.
+    it raised ``error`` in ``stage`` ("forward" or "backward"), or failed its self-check
+    (``trust.SelfCheckFailed``); -> the fallback reason, one per kernel, so that
+    ``fallback_counts()`` adds its configurations up.
 
     ``q``, ``k``, ``v``, ``mask``, ``scale``: the user's call or the op's 4-D one (same configuration).
     A forward failure blocks the configuration with and without grad (the forward is the
     same kernel either way); a backward failure only with grad. The first failure of a
     configuration gives one warning line naming the kernel, the configuration and the error.
     """
-    reason = f"kernel {kernel.name} failed for this configuration"
+    checked = isinstance(error, trust.SelfCheckFailed)
+    reason = error.reason if checked else f"kernel {kernel.name} failed for this configuration"
     key = rules.configuration(kernel.name, q.device.type, _call(q, k, v, mask, causal, needs_grad, scale))
     keys = [key] if stage == "backward" else [key[:-1] + (False,), key[:-1] + (True,)]
     with _failed_lock:
         new = [c for c in keys if c not in _failed]
         _failed.update(dict.fromkeys(new, reason))
-    if new:  # warned once blocked: a warnings filter that raises leaves the state consistent
+    if new and checked:  # the self-check's own line: the variant and the measured error
+        config._warn(error.warning)
+    elif new:  # warned once blocked: a warnings filter that raises leaves the state consistent
         fields = zip(rules.CONFIGURATION_FIELDS[1:-1], key[1:-1])
         described = " ".join(f"{name}={str(value).replace('torch.', '')}" for name, value in fields)
         lines = str(error).strip().splitlines() or [""]
@@ -103,7 +108,9 @@ def _blocked(kernel, q, k, v, mask, scale, causal, needs_grad):
 
 
 def _forward(kernel, q, k, v, mask, scale, causal):
-    # counted once the kernel returned: a call it failed on ends up in PyTorch, not here
+    # the variant's self-check on its first use; counted once the kernel returned: a call it
+    # failed on ends up in PyTorch, not here
+    _verify(kernel, "forward", q, k, v, mask, scale, causal)
     result = kernel.forward(q, k, v, scale, causal, mask)
     counters.count_dispatch()
     return result
@@ -113,6 +120,7 @@ def _backward(kernel, grad_out, q, k, v, out, lse, mask, scale, causal):
     """The kernel's backward; PyTorch's gradients if it raises or the configuration is blocked."""
     if not _failed or _blocked(kernel, q, k, v, mask, scale, causal, True) is None:
         try:
+            _verify(kernel, "backward", q, k, v, mask, scale, causal)
             return kernel.backward(grad_out, q, k, v, out, lse, scale, causal, mask)
         except Exception as error:
             kernel_failed(kernel, error, "backward", q, k, v, mask, causal, True, scale)
