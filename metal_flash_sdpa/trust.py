@@ -171,7 +171,7 @@ def store_key(key) -> str:
         "causal": causal,
         "mask": MASK_KINDS[mask_kind],
     }
-    return json.dumps({"variant": variant, "context": context(kernel, device)}, sort_keys=True)
+    return json.dumps({"variant": variant, "context": context(kernel, device)}, sort_keys=True, default=str)
 
 
 # ----------------------------------------------------------------------------- the check
@@ -372,9 +372,13 @@ def status_lines() -> list:
     if not verdicts:
         return lines + ["  none yet (each kernel variant is checked on its first call)"]
     groups: dict = {}
+    unreadable = 0
     for key, record in verdicts.items():
-        entry = json.loads(key)
-        groups.setdefault(json.dumps(entry["context"], sort_keys=True), []).append((entry["variant"], record))
+        try:
+            entry = json.loads(key)
+            groups.setdefault(json.dumps(entry["context"], sort_keys=True), []).append((entry["variant"], record))
+        except (ValueError, KeyError, TypeError):  # not written by this version
+            unreadable += 1
     current = {"package": metal_flash_sdpa.__version__, "build": build_id(), "torch": torch.__version__}
     for group, entries in sorted(groups.items()):
         found = json.loads(group)
@@ -386,6 +390,8 @@ def status_lines() -> list:
         )
         for variant, record in sorted(entries, key=lambda item: _order(item[0])):
             lines.append("    " + _verdict_line(variant, record))
+    if unreadable:
+        lines.append(f"  ({unreadable} entries this version cannot read)")
     return lines
 
 
