@@ -324,3 +324,17 @@ def test_the_build_id_follows_the_patch_series(tmp_path):
     patch = sorted((tmp_path / "subprojects/packagefiles/ccv").glob("*.patch"))[-1]
     patch.write_text(patch.read_text() + "\n")
     assert tool.build_id(tmp_path) != tool.build_id(REPO)
+
+
+def test_mfa_keys_its_verdicts_with_the_bridges_device_info(monkeypatch):
+    from metal_flash_sdpa.kernels import mfa
+
+    info = {"gpu": "Apple M3 Pro", "macos_version": "26.1", "macos_build": "25B78", "async_copies": False, "metal_language": "3.2"}
+
+    class Native:  # the bridge's device_info(), which only a Mac runs
+        @staticmethod
+        def device_info():
+            return info
+
+    monkeypatch.setattr(mfa, "_native", Native)
+    assert mfa.MFAKernel().machine(torch.device("mps")) == {**info, "async_copies": "False"}
