@@ -3,7 +3,7 @@
 The status report says what this machine has (versions, platform, MPS, the MFA bridge or
 why it did not load), how the package is configured and whether the patch is active, then
 runs a few SDPA calls of the common patterns and shows which reached a kernel and why the
-others fell back.
+others fell back, and lists the self-check's verdicts on this machine.
 """
 
 import argparse
@@ -205,6 +205,10 @@ def status() -> int:
         print(line)
     sample, healthy = _sample_workload(torch, kernels)
     for line in sample:
+        print(line)
+    from . import trust
+
+    for line in trust.status_lines():  # after the sample, which may have checked variants
         print(line)
     apple_silicon = sys.platform == "darwin" and platform.machine() == "arm64"
     if apple_silicon and torch.backends.mps.is_available() and mps_kernel is None:

@@ -10,6 +10,8 @@ import os
 ENABLE_VAR = "MFA_ENABLE"
 MIN_SEQ_LEN_VAR = "MFA_MIN_SEQ_LEN"
 LOG_VAR = "MFA_LOG"
+SELFCHECK_VAR = "MFA_SELFCHECK"
+CACHE_DIR_VAR = "MFA_CACHE_DIR"
 
 DEFAULT_MIN_SEQ_LEN = 256
 
@@ -47,6 +49,7 @@ def check_environment() -> None:
         enable_mode()
         min_seq_len()
         log_fallbacks()
+        selfcheck_mode()
         problems = _collecting
     finally:
         _collecting = None
@@ -96,10 +99,34 @@ def log_fallbacks() -> bool:
     return False
 
 
+def selfcheck_mode() -> str:
+    """'on', 'off' or 'always' from MFA_SELFCHECK (default on): check each kernel variant
+    before its first use and keep the verdict on disk; trust without checking; check in every
+    process, ignoring the verdicts on disk."""
+    raw = os.environ.get(SELFCHECK_VAR, "")
+    value = raw.strip().lower()
+    if value in _ON or not value:
+        return "on"
+    if value in _OFF:
+        return "off"
+    if value == "always":
+        return "always"
+    _warn_invalid(SELFCHECK_VAR, raw, "1 (expected 1, 0 or always)")
+    return "on"
+
+
+def cache_dir() -> str:
+    """MFA_CACHE_DIR, or ~/.cache/metal-flash-sdpa: where this machine's verdicts are kept."""
+    raw = os.environ.get(CACHE_DIR_VAR, "").strip()
+    return os.path.expanduser(raw) if raw else os.path.join(os.path.expanduser("~"), ".cache", "metal-flash-sdpa")
+
+
 def settings() -> dict:
     """Every variable with its raw and effective value, for the status report."""
     return {
         ENABLE_VAR: (os.environ.get(ENABLE_VAR), enable_mode()),
         MIN_SEQ_LEN_VAR: (os.environ.get(MIN_SEQ_LEN_VAR), min_seq_len()),
         LOG_VAR: (os.environ.get(LOG_VAR), log_fallbacks()),
+        SELFCHECK_VAR: (os.environ.get(SELFCHECK_VAR), selfcheck_mode()),
+        CACHE_DIR_VAR: (os.environ.get(CACHE_DIR_VAR), cache_dir()),
     }

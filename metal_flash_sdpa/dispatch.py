@@ -40,7 +40,7 @@ def scaled_dot_product_attention(
             return ops.attention(kernel, query, key, value, attn_mask, is_causal, scale, needs_grad, dropout_p)
         except Exception as error:  # a kernel failure never breaks the call: PyTorch answers it
             reason = ops.kernel_failed(
-                kernel, error, "forward", query, key, value, attn_mask, is_causal, needs_grad, dropout_p
+                kernel, error, "forward", query, key, value, attn_mask, is_causal, needs_grad, scale, dropout_p
             )
     elif reason is _AUTOCAST:
         return _under_autocast(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)

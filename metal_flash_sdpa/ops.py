@@ -24,7 +24,7 @@ import weakref
 
 import torch
 
-from . import config, counters, dropout, kernels, rules
+from . import config, counters, dropout, kernels, rules, trust
 
 _lib = torch.library.Library("metal_flash_sdpa", "DEF")
 # The third output of attention is the dropout seed it drew when it ran (a 0-d int64 CPU
@@ -49,6 +49,7 @@ _NO_SEED = torch.zeros((), dtype=torch.int64)
 # dispatch mode ran it): its backward is PyTorch's too, whatever the state is by then.
 # Keyed by id, checked by identity: a tensor's == compares values.
 _answered_by_pytorch = weakref.WeakValueDictionary()
+_verify = trust.verify
 _key = torch._C.DispatchKey
 # autograd's dispatch keys and its view tracking: what a dispatch mode excludes that autograd needs
 _AUTOGRAD_KEYS = (_key.ADInplaceOrView, _key.AutogradCPU, _key.AutogradOther, _key.AutogradNestedTensor)
@@ -80,23 +81,28 @@ def _lse_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def kernel_failed(kernel, error, stage, q, k, v, mask, causal, needs_grad, dropout_p=0.0) -> str:
+def kernel_failed(kernel, error, stage, q, k, v, mask, causal, needs_grad, scale=None, dropout_p=0.0) -> str:
     """Stop sending this call's configuration (``rules.configuration``) to ``kernel`` after
-    it raised ``error`` in ``stage`` ("forward" or "backward"); -> the fallback reason, one
-    per kernel, so that ``fallback_counts()`` adds its configurations up.
+    it raised ``error`` in ``stage`` ("forward" or "backward"), or failed its self-check
+    (``trust.SelfCheckFailed``); -> the fallback reason, one per kernel, so that
+    ``fallback_counts()`` adds its configurations up.
 
-    ``q``, ``k``, ``v``, ``mask``: the user's call or the op's 4-D one (same configuration).
+    ``q``, ``k``, ``v``, ``mask``, ``scale``: the user's call or the op's 4-D one (same configuration).
     A forward failure blocks the configuration with and without grad (the forward is the
     same kernel either way); a backward failure only with grad. The first failure of a
     configuration gives one warning line naming the kernel, the configuration and the error.
     """
-    reason = f"kernel {kernel.name} failed for this configuration"
-    key = rules.configuration(kernel.name, q.device.type, _call(q, k, v, mask, causal, needs_grad, dropout_p))
+    checked = isinstance(error, trust.SelfCheckFailed)
+    reason = error.reason if checked else f"kernel {kernel.name} failed for this configuration"
+    call = _call(q, k, v, mask, causal, needs_grad, scale, dropout_p)
+    key = rules.configuration(kernel.name, q.device.type, call)
     keys = [key] if stage == "backward" else [key[:-1] + (False,), key[:-1] + (True,)]
     with _failed_lock:
         new = [c for c in keys if c not in _failed]
         _failed.update(dict.fromkeys(new, reason))
-    if new:  # warned once blocked: a warnings filter that raises leaves the state consistent
+    if new and checked:  # the self-check's own line: the variant and the measured error
+        config._warn(error.warning)
+    elif new:  # warned once blocked: a warnings filter that raises leaves the state consistent
         fields = zip(rules.CONFIGURATION_FIELDS[1:-1], key[1:-1])
         described = " ".join(f"{name}={str(value).replace('torch.', '')}" for name, value in fields)
         lines = str(error).strip().splitlines() or [""]
@@ -108,13 +114,13 @@ def kernel_failed(kernel, error, stage, q, k, v, mask, causal, needs_grad, dropo
     return reason
 
 
-def _call(q, k, v, mask, causal, needs_grad, dropout_p=0.0):
-    return rules.describe(q.shape, k.shape, v.shape, q.dtype, mask, causal, needs_grad, None, dropout_p)
+def _call(q, k, v, mask, causal, needs_grad, scale=None, dropout_p=0.0):
+    return rules.describe(q.shape, k.shape, v.shape, q.dtype, mask, causal, needs_grad, scale, dropout_p)
 
 
-def _blocked(kernel, q, k, v, mask, causal, needs_grad, dropout_p=0.0):
+def _blocked(kernel, q, k, v, mask, scale, causal, needs_grad, dropout_p=0.0):
     """The fallback reason if this call's configuration is blocked for ``kernel``, else None."""
-    call = _call(q, k, v, mask, causal, needs_grad, dropout_p)
+    call = _call(q, k, v, mask, causal, needs_grad, scale, dropout_p)
     return _failed.get(rules.configuration(kernel.name, q.device.type, call))
 
 
@@ -124,7 +130,9 @@ def _dropout(dropout_p, seed):
 
 
 def _forward(kernel, q, k, v, mask, scale, causal, dropout_p=0.0, seed=None):
-    # counted once the kernel returned: a call it failed on ends up in PyTorch, not here
+    # the variant's self-check on its first use; counted once the kernel returned: a call it
+    # failed on ends up in PyTorch, not here
+    _verify(kernel, "forward", q, k, v, mask, scale, causal)
     if dropout_p:  # kernels that never drop need not take the argument
         result = kernel.forward(q, k, v, scale, causal, mask, dropout=_dropout(dropout_p, seed))
     else:
@@ -136,16 +144,17 @@ def _forward(kernel, q, k, v, mask, scale, causal, dropout_p=0.0, seed=None):
 def _backward(kernel, grad_out, q, k, v, out, lse, mask, scale, causal, dropout_p=0.0, seed=None, mask_grad=False):
     """The kernel's backward, -> (dq, dk, dv) or with ``mask_grad`` (dq, dk, dv, dmask);
     PyTorch's gradients if it raises or the configuration is blocked."""
-    if not _failed or _blocked(kernel, q, k, v, mask, causal, True, dropout_p) is None:
+    if not _failed or _blocked(kernel, q, k, v, mask, scale, causal, True, dropout_p) is None:
         options = {}  # kernels that never drop nor differentiate masks need not take these
         if dropout_p:
             options["dropout"] = _dropout(dropout_p, seed)
         if mask_grad:
             options["mask_grad"] = True
         try:
+            _verify(kernel, "backward", q, k, v, mask, scale, causal)
             return kernel.backward(grad_out, q, k, v, out, lse, scale, causal, mask, **options)
         except Exception as error:
-            kernel_failed(kernel, error, "backward", q, k, v, mask, causal, True, dropout_p)
+            kernel_failed(kernel, error, "backward", q, k, v, mask, causal, True, scale, dropout_p)
     return _pytorch_grads(grad_out, q, k, v, mask, scale, causal, False, dropout_p, seed, mask_grad)
 
 
@@ -202,12 +211,12 @@ def _attention(q, k, v, mask, scale, causal, dropout_p=0.0):
     if not rules.fused_backends_selected():  # compiled graphs decide as they run
         reason = rules.BACKENDS
     else:
-        reason = _blocked(kernel, q, k, v, mask, causal, False, dropout_p) if _failed else None
+        reason = _blocked(kernel, q, k, v, mask, scale, causal, False, dropout_p) if _failed else None
     if reason is None:
         try:
             return (*_forward(kernel, q, k, v, mask, scale, causal, dropout_p, seed), seed)
         except Exception as error:
-            reason = kernel_failed(kernel, error, "forward", q, k, v, mask, causal, False, dropout_p)
+            reason = kernel_failed(kernel, error, "forward", q, k, v, mask, causal, False, scale, dropout_p)
     # Run by a compiled graph or under a dispatch mode: no user call to hand back to, so
     # PyTorch answers from these tensors. The lse is a placeholder, remembered so that the
     # backward recomputes with PyTorch and never reads it.

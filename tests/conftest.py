@@ -1,7 +1,10 @@
+import atexit
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -19,6 +22,12 @@ if pathlib.Path(metal_flash_sdpa.__file__).resolve().parent.parent == REPO and n
     )
 
 MPS_AVAILABLE = torch.backends.mps.is_available()
+
+# The self-check's verdicts go to a directory of this session (and of the interpreters it
+# starts), never to the user's ~/.cache; the package reads it at its first check.
+CACHE_DIR = tempfile.mkdtemp(prefix="metal-flash-sdpa-tests-")
+os.environ["MFA_CACHE_DIR"] = CACHE_DIR
+atexit.register(shutil.rmtree, CACHE_DIR, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -57,9 +66,18 @@ def reference_cpu(restore_state):
     return kernel
 
 
+@pytest.fixture
+def no_selfcheck(monkeypatch):
+    """Kernels are trusted without the self-check (MFA_SELFCHECK=0): for tests of what a
+    kernel does on users' calls, which count its runs or make it fail on purpose."""
+    from metal_flash_sdpa import trust
+
+    monkeypatch.setattr(trust, "mode", "off")
+
+
 def run_python(code, env=None, args=(), timeout=120):
     """Run ``code`` in a fresh interpreter with this environment's site-packages."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MFA_")}
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MFA_") or k == "MFA_CACHE_DIR"}
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, *args, "-c", code],

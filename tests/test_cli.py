@@ -23,7 +23,7 @@ needs_no_mfa = pytest.mark.skipif(not NO_MFA, reason="asserts what happens on a 
 
 
 def run_cli(*args, env=None, timeout=120):
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MFA_")}
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MFA_") or k == "MFA_CACHE_DIR"}
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "metal_flash_sdpa", *args],
@@ -87,6 +87,9 @@ def test_status_sample_reaches_a_registered_kernel_and_restores_state(restore_st
     assert f"    1 x {rules.SHORT}" in sample
     assert not metal_flash_sdpa.is_enabled()
     assert metal_flash_sdpa.MIN_SEQ_LEN == 128
+    # the sample's variants were self-checked first, and the verdicts are listed
+    verdicts = out.split("Self-check (MFA_SELFCHECK -> on): verdicts in ", 1)[1]
+    assert "    passed  reference  float32  forward  D=" in verdicts and "FAILED" not in verdicts
 
 
 # ----------------------------------------------------------------------------- check

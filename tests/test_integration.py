@@ -38,7 +38,7 @@ class RecordingKernel(ReferenceKernel):
 
 
 @pytest.fixture
-def kernel(restore_state):
+def kernel(restore_state, no_selfcheck):  # counts the calls it serves: no canary runs
     kernel = RecordingKernel()
     kernels.register_kernel("cpu", kernel)
     metal_flash_sdpa.enable()

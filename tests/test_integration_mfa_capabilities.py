@@ -117,7 +117,7 @@ def mfa_verdict(call):
 
 
 @pytest.fixture
-def kernel(restore_state):
+def kernel(restore_state, no_selfcheck):  # counts the calls it serves: no canary runs
     kernel = MFACapabilityKernel()
     kernels.register_kernel("cpu", kernel)
     metal_flash_sdpa.enable()

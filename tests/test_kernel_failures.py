@@ -4,7 +4,8 @@ A forward failure: PyTorch's SDPA answers that call with the user's own argument
 configuration goes to PyTorch from then on (one warning line). A backward failure: PyTorch
 recomputes the gradients from the saved inputs. The backward always belongs to the kernel
 that ran the forward. The kernels here are reference kernels that raise as the MFA bridge
-does when ccv fails (say, a shader that does not compile).
+does when ccv fails (say, a shader that does not compile). They run without the self-check
+(tests/test_trust.py has it): a kernel can fail on a user's call after its variant passed.
 """
 
 import math
@@ -19,6 +20,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import metal_flash_sdpa
 from conftest import pytorch_sdpa
 from metal_flash_sdpa import kernels
+
+pytestmark = pytest.mark.usefixtures("no_selfcheck")
 
 ERROR = "ccv could not compile the attention shader\nprogram_source:12:3: error: unknown type name 'bfloat'"
 REASON = "kernel flaky failed for this configuration"
@@ -107,6 +110,31 @@ def test_forward_failure_answers_with_pytorch_then_skips_the_kernel(serve, warne
     assert "causal=True masked=False" in message
     assert "RuntimeError: ccv could not compile the attention shader [...]" in message  # one line
     assert "\n" not in message
+
+
+def test_the_scale_is_part_of_a_configuration(serve, warned):
+    """A kernel may compile the scale in (MFA does): a failure at one scale blocks that one."""
+
+    class FailsAtHalf(metal_flash_sdpa.ReferenceKernel):
+        name = "flaky"
+
+        def forward(self, q, k, v, scale, causal, mask):
+            if scale == 0.5:
+                raise RuntimeError(ERROR)
+            return super().forward(q, k, v, scale, causal, mask)
+
+    serve(FailsAtHalf(block_size=32))
+    for _ in range(2):
+        for scale in (None, 0.5):
+            q, k, v = qkv(grad=False)
+            out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+            torch.testing.assert_close(out, pytorch_sdpa(q, k, v, scale=scale))
+    assert metal_flash_sdpa.get_dispatch_count() == 2  # the default scale, 0.25, twice
+    assert metal_flash_sdpa.fallback_counts()[REASON] == 2
+    assert metal_flash_sdpa.explain(q, k, v, scale=0.25) is None
+    assert metal_flash_sdpa.explain(q, k, v, scale=0.5) == REASON
+    (message,) = warned()
+    assert " scale=0.5 causal=False " in message
 
 
 def test_only_the_failing_configuration_is_blocked(serve, warned):

@@ -41,7 +41,7 @@ class NoDropoutKernel(metal_flash_sdpa.ReferenceKernel):
 
 
 @pytest.fixture
-def counting(reference_cpu):
+def counting(reference_cpu, no_selfcheck):
     kernel = CountingKernel()
     kernels.register_kernel("cpu", kernel)
     return kernel

@@ -7,6 +7,7 @@ device: ``supports()`` must be pure Python and cheap, because it runs on every c
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -38,8 +39,9 @@ class Call(NamedTuple):
 
     @property
     def softmax_scale(self) -> float:
-        """The scale the kernel applies to q @ k^T: the argument, or SDPA's default."""
-        return self.head_dim ** -0.5 if self.scale is None else float(self.scale)
+        """The scale the kernel applies to q @ k^T: the argument, or SDPA's default (PyTorch's
+        and the op layer's expression: head_dim ** -0.5 differs in the last bit for some dims)."""
+        return 1.0 / math.sqrt(self.head_dim) if self.scale is None else float(self.scale)
 
 
 class Kernel:
@@ -107,6 +109,19 @@ class Kernel:
         if alignment == "square":
             return f"is_causal with q_len != kv_len not supported by {self.name}"
         return f"is_causal not supported by {self.name}"
+
+    def machine(self, device) -> dict:
+        """What of ``device`` can change this kernel's results, as strings: the self-check keys
+        its verdicts with it (``metal_flash_sdpa.trust``). Here the device type and, where torch
+        knows it, the device's name."""
+        info = {"device": device.type}
+        get_name = getattr(getattr(torch, device.type, None), "get_device_name", None)
+        if get_name is not None:
+            try:
+                info["name"] = str(get_name(device))
+            except Exception:  # a device module that cannot name this device: the type is all
+                pass
+        return info
 
     def forward(self, q, k, v, scale: float, causal: bool, mask, dropout=None):
         """-> (out, lse).

@@ -160,6 +160,11 @@ class MFAKernel(Kernel):
             return f"call needs more than {MAX_SCRATCH_BYTES >> 30} GiB of {self.name} scratch"
         return None
 
+    def machine(self, device) -> dict:
+        # the bridge's view of this Mac: gpu, macos_version, macos_build, async_copies and
+        # metal_language (the probed copy mode and language version the kernels compile with)
+        return {key: str(value) for key, value in _require_native().device_info().items()}
+
     def forward(self, q, k, v, scale: float, causal: bool, mask):
         native = _require_native()
         batch, heads, q_len, _ = q.shape

@@ -1,0 +1,411 @@
+"""What this machine decides before a kernel is trusted (DESIGN section 11): the self-check.
+
+Before a kernel variant answers a user's call for the first time, it runs on a small canary
+problem, synchronously, and is compared with PyTorch's math SDPA by ``check``'s rule (the
+kernel's tolerances, or no further from float64 than twice PyTorch's own error). A variant is
+what makes a distinct compiled kernel: the kernel, the device, dtype, head dims, head counts,
+scale, causal, mask kind (none, broadcast over heads, per head; the kernel always sees an
+additive mask) and the stage: "forward", or "backward" (the forward it reads, then the
+backward), checked when a backward is first asked for.
+
+Verdicts are kept in memory (``verify`` is one dict lookup for a known variant) and on disk,
+in one JSON file under ``$MFA_CACHE_DIR``, keyed by the variant and by everything that can
+change its result: the kernel's ``machine()`` (for MFA the GPU, macOS version and build, copy
+mode and Metal language the bridge reports), the package version, the build id (ccv's pin, our
+patch series and the bridge sources: tools/build_id.py) and torch's version. A later process
+does not re-check; an OS or package update does. A corrupt or unwritable file degrades to
+memory for the process, with one warning.
+
+A variant that failed raises ``SelfCheckFailed`` from ``verify``; the op layer then sends its
+configuration to PyTorch for good (``ops.kernel_failed``: one warning line, counted in
+``fallback_counts()``). MFA_SELFCHECK: "on" (default); "off" trusts without checking; "always"
+checks in every process, ignoring the verdicts on disk (it still writes them).
+"""
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+import threading
+import time
+from typing import NamedTuple
+
+import torch
+
+from . import config
+
+STORE_NAME = "verdicts.json"
+FORMAT = 1
+# The canary's largest lengths (query, key): past a few 32-row blocks and a 128-column block,
+# ragged in both. A call's own shorter lengths are kept, and equal lengths stay equal.
+CANARY_LENGTHS = (67, 149)
+SEED = 16
+MASK_KINDS = ("none", "broadcast", "per-head")
+
+mode = config.selfcheck_mode()  # "on", "off" or "always"; tests set it directly
+
+_known: dict = {}  # variant key -> None (passed) or the failed Verdict
+_locks: dict = {}  # variant key -> the lock its first check runs under
+_locks_lock = threading.Lock()
+_contexts: dict = {}  # (kernel, device) -> what keys its verdicts besides the variant
+_UNKNOWN = object()
+
+
+class Verdict(NamedTuple):
+    passed: bool
+    detail: str  # what missed or raised; "" when passed
+    max_error: float  # max |kernel - PyTorch| over out (and dq, dk, dv)
+    worst: str  # which of out, dq, dk, dv it was
+    seconds: float  # what the check cost
+    checked: str  # when (UTC, ISO 8601)
+    stored: str = ""  # the file it was read from, if not checked in this process
+
+
+class SelfCheckFailed(RuntimeError):
+    """A kernel variant failed its self-check on this machine: PyTorch serves its calls."""
+
+    def __init__(self, kernel, stage, described, verdict):
+        self.reason = f"kernel {kernel.name} failed its self-check for this variant"
+        measured = f"max error {verdict.max_error:.3g} in {verdict.worst}; " if verdict.worst else ""
+        where = f" (verdict of {verdict.checked}, {verdict.stored})" if verdict.stored else ""
+        self.warning = (
+            f"metal_flash_sdpa: kernel {kernel.name} failed its self-check in {stage} ({described}): "
+            f"{measured}{verdict.detail}{where}; PyTorch's SDPA serves this variant"
+            f"{' with grad' if stage == 'backward' else ''} from now on"
+        )
+        super().__init__(self.warning)
+
+
+def verify(kernel, stage, q, k, v, mask, scale, causal) -> None:
+    """Return when the variant of this op-level call (4-D tensors, additive 4-D mask, scale
+    resolved) may run on ``kernel`` in ``stage``; raise SelfCheckFailed when it failed its
+    self-check. The first call of a variant checks it (one thread; the others wait)."""
+    if mode == "off":
+        return
+    shape = q.shape
+    mask_kind = 0 if mask is None else 1 if mask.shape[1] == 1 else 2
+    key = (kernel, q.device, stage, q.dtype, shape[1], k.shape[1], shape[3], v.shape[3], scale, causal, mask_kind)
+    failed = _known.get(key, _UNKNOWN)
+    if failed is None:
+        return
+    if failed is _UNKNOWN:
+        failed = _first_use(key, shape[2], k.shape[2])
+        if failed is None:
+            return
+    raise SelfCheckFailed(kernel, stage, describe(key), failed)
+
+
+def describe(key) -> str:
+    _, device, _, dtype, q_heads, kv_heads, head_dim, value_dim, scale, causal, mask_kind = key
+    return (
+        f"device={device.type} dtype={str(dtype).replace('torch.', '')} head_dim={head_dim} value_dim={value_dim} "
+        f"q_heads={q_heads} kv_heads={kv_heads} scale={scale:.6g} causal={causal} mask={MASK_KINDS[mask_kind]}"
+    )
+
+
+def _first_use(key, q_len, kv_len):
+    with _locks_lock:
+        lock = _locks.setdefault(key, threading.RLock())
+    with lock:
+        known = _known.get(key, _UNKNOWN)
+        if known is not _UNKNOWN:  # another thread checked it while this one waited
+            return known
+        stored_as = store_key(key)
+        verdict = None if mode == "always" else store.get(stored_as)
+        if verdict is None:
+            verdict = run_check(key, q_len, kv_len)
+            store.put(stored_as, verdict)
+        _known[key] = None if verdict.passed else verdict
+        return _known[key]
+
+
+def forget() -> None:
+    """Drop the verdicts held in memory (not those on disk): the next call of each variant
+    looks it up again."""
+    _known.clear()
+    _contexts.clear()
+
+
+# ----------------------------------------------------------------------------- keys
+
+
+def context(kernel, device) -> dict:
+    """Everything besides the variant that can change a kernel's result on this machine."""
+    found = _contexts.get((kernel, device))
+    if found is None:
+        import metal_flash_sdpa
+
+        found = {
+            "machine": kernel.machine(device),
+            "package": metal_flash_sdpa.__version__,
+            "build": build_id(),
+            "torch": torch.__version__,
+        }
+        _contexts[(kernel, device)] = found
+    return found
+
+
+def build_id() -> str:
+    try:
+        from ._build import BUILD_ID
+    except ImportError:  # run from a source tree, not built by meson
+        return "unknown"
+    return BUILD_ID
+
+
+def store_key(key) -> str:
+    """The verdict's key on disk: the variant and its context, as canonical JSON."""
+    kernel, device, stage, dtype, q_heads, kv_heads, head_dim, value_dim, scale, causal, mask_kind = key
+    variant = {
+        "kernel": kernel.name,
+        "class": f"{type(kernel).__module__}.{type(kernel).__qualname__}",
+        "device": device.type,
+        "stage": stage,
+        "dtype": str(dtype).replace("torch.", ""),
+        "head_dim": head_dim,
+        "value_dim": value_dim,
+        "q_heads": q_heads,
+        "kv_heads": kv_heads,
+        "scale": scale,
+        "causal": causal,
+        "mask": MASK_KINDS[mask_kind],
+    }
+    return json.dumps({"variant": variant, "context": context(kernel, device)}, sort_keys=True, default=str)
+
+
+# ----------------------------------------------------------------------------- the check
+
+
+def run_check(key, q_len, kv_len) -> Verdict:
+    """Run the variant ``key`` on its canary and judge it by ``check``'s rule."""
+    from . import check
+
+    kernel, _, stage, dtype = key[:4]
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode(False):  # a user's inference mode would make the canary's tensors unusable
+            ours, theirs, gold = _canary(key, q_len, kv_len)
+        tolerance = kernel.tolerances.get(dtype, (0.0, 0.0))  # none promised: the twice-PyTorch rule alone
+        result = check._judge(tolerance, dtype, "self-check", stage, ours, theirs, gold)
+        verdict = (result.status == "ok", result.detail, result.max_abs, result.worst)
+    except Exception as error:  # a compile error, a command-buffer error, a fault: a failed check
+        lines = str(error).strip().splitlines() or [""]
+        verdict = (False, f"{type(error).__name__}: {lines[0]}{' [...]' if len(lines) > 1 else ''}", math.nan, "")
+    checked = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return Verdict(*verdict, time.perf_counter() - start, checked)
+
+
+def canary_lengths(q_len, kv_len):
+    top_q, top_kv = CANARY_LENGTHS
+    if q_len == kv_len:  # a kernel may serve causal calls only when they are square
+        return (min(q_len, top_kv),) * 2
+    return min(q_len, top_q), min(kv_len, top_kv)
+
+
+def _canary(key, q_len, kv_len):
+    """-> (kernel's, PyTorch's in the dtype, float64's) out (and dq, dk, dv) on the canary."""
+    from . import ops
+
+    kernel, device, stage, dtype, q_heads, kv_heads, head_dim, value_dim, scale, causal, mask_kind = key
+    q_len, kv_len = canary_lengths(q_len, kv_len)
+    generator = torch.Generator().manual_seed(SEED)  # not the user's random stream
+
+    def randn(*shape):  # rounded to the dtype on the CPU, so float64 sees the same numbers
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype)
+
+    q, k, v = randn(1, q_heads, q_len, head_dim), randn(1, kv_heads, kv_len, head_dim), randn(1, kv_heads, kv_len, value_dim)
+    mask = None
+    if mask_kind:
+        mask = randn(1, q_heads if mask_kind == 2 else 1, q_len, kv_len)
+        blocked = torch.rand(mask.shape, generator=generator) < 0.25
+        rows = torch.arange(q_len)
+        blocked[..., rows, rows % kv_len] = False  # every row attends to some key
+        mask.masked_fill_(blocked, -math.inf)
+    grad_out = randn(1, q_heads, q_len, value_dim) if stage == "backward" else None
+    cpu = (q, k, v, mask, grad_out)
+    q, k, v, mask, grad_out = (None if t is None else t.to(device) for t in cpu)
+    layout = kernel.layout
+    with torch.no_grad():
+        tensors = [ops.to_layout(t, layout) for t in (q, k, v)]
+        out, lse = kernel.forward(*tensors, scale, causal, mask)
+        ours = [out]
+        if grad_out is not None:
+            ours += kernel.backward(ops.to_layout(grad_out, layout), *tensors, out, lse, scale, causal, mask)
+        ours = [t.cpu() for t in ours]  # waits for the device: its errors surface here
+        theirs = _math_sdpa(q, k, v, mask, scale, causal, grad_out)
+    q, k, v, mask, grad_out = (None if t is None else t.double() for t in cpu)
+    return ours, theirs, _math_sdpa(q, k, v, mask, scale, causal, grad_out)
+
+
+def _math_sdpa(q, k, v, mask, scale, causal, grad_out):
+    """PyTorch's math SDPA: [out] or [out, dq, dk, dv] for ``grad_out``."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from . import ops
+
+    with sdpa_kernel(SDPBackend.MATH):
+        if grad_out is None:
+            with torch.no_grad():
+                return [ops._pytorch_attention(q, k, v, mask, scale, causal)]
+        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+        with ops._with_autograd(), torch.enable_grad():
+            out = ops._pytorch_attention(*inputs, mask, scale, causal)
+            # grad of sum(out * grad_out), the same numbers: autograd.grad given grad_outputs
+            # first imports torch's symbolic shapes (sympy), a second on a cold start
+            return [out.detach(), *torch.autograd.grad((out * grad_out).sum(), inputs)]
+
+
+# ----------------------------------------------------------------------------- the store
+
+
+class _Unusable(Exception):
+    pass
+
+
+class Store:
+    """``verdicts.json`` under the cache directory: read on a variant's first use, merged and
+    replaced atomically (temporary file, os.replace; under a file lock where there is one) on
+    a write. Once it proves corrupt or unwritable: memory only for the process, one warning."""
+
+    def __init__(self):
+        self.memory_only = False
+        self.problem = ""
+
+    @staticmethod
+    def path() -> str:
+        return os.path.join(config.cache_dir(), STORE_NAME)
+
+    @staticmethod
+    def read(path) -> dict:
+        """-> {key: record}; {} when there is no file; raises _Unusable."""
+        try:
+            with open(path, encoding="utf-8") as file:
+                data = json.load(file)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as error:
+            raise _Unusable(f"{type(error).__name__}: {error}")
+        if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("verdicts"), dict):
+            raise _Unusable(f"not a verdict file of format {FORMAT}")
+        return data["verdicts"]
+
+    def get(self, key):
+        if self.memory_only:
+            return None
+        path = self.path()
+        try:
+            record = self.read(path).get(key)
+        except _Unusable as error:
+            self._degrade(path, error)
+            return None
+        try:
+            return Verdict(**{**record, "stored": path})
+        except TypeError:  # a record this version cannot read: checked again
+            return None
+
+    def put(self, key, verdict: Verdict) -> None:
+        if self.memory_only:
+            return
+        path = self.path()
+        directory = os.path.dirname(path)
+        try:
+            os.makedirs(directory, exist_ok=True)
+            with _file_lock(path + ".lock"):
+                verdicts = self.read(path)
+                verdicts[key] = verdict._asdict()
+                del verdicts[key]["stored"]
+                descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=".verdicts-", suffix=".tmp")
+                try:
+                    with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+                        json.dump({"format": FORMAT, "verdicts": verdicts}, file, indent=1, sort_keys=True)
+                    os.replace(temporary, path)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(temporary)
+                    raise
+        except (OSError, _Unusable) as error:
+            self._degrade(path, error)
+
+    def _degrade(self, path, error) -> None:
+        self.memory_only = True
+        self.problem = f"{path}: {error}"
+        config._warn(
+            f"metal_flash_sdpa: the self-check's verdict file is not usable ({self.problem}); "
+            f"verdicts are kept in memory for this process (set {config.CACHE_DIR_VAR} or remove the file)"
+        )
+
+
+@contextlib.contextmanager
+def _file_lock(path):
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks here: os.replace still keeps the file whole
+        yield
+        return
+    with open(path, "a") as file:
+        fcntl.flock(file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(file, fcntl.LOCK_UN)
+
+
+store = Store()
+
+
+# ----------------------------------------------------------------------------- status
+
+
+def status_lines() -> list:
+    """The verdicts on disk, for ``python -m metal_flash_sdpa status``."""
+    import metal_flash_sdpa
+
+    path = store.path()
+    lines = [f"Self-check (MFA_SELFCHECK -> {mode}): verdicts in {path}"]
+    if store.memory_only:
+        lines.append(f"  NOT USED in this process: {store.problem}")
+    try:
+        verdicts = store.read(path)
+    except _Unusable as error:
+        return lines + [f"  unreadable: {error}"]
+    if not verdicts:
+        return lines + ["  none yet (each kernel variant is checked on its first call)"]
+    groups: dict = {}
+    unreadable = 0
+    for key, record in verdicts.items():
+        try:
+            entry = json.loads(key)
+            groups.setdefault(json.dumps(entry["context"], sort_keys=True), []).append((entry["variant"], record))
+        except (ValueError, KeyError, TypeError):  # not written by this version
+            unreadable += 1
+    current = {"package": metal_flash_sdpa.__version__, "build": build_id(), "torch": torch.__version__}
+    for group, entries in sorted(groups.items()):
+        found = json.loads(group)
+        machine = " ".join(f"{name}={value}" for name, value in found["machine"].items())
+        stale = any(found.get(name) != value for name, value in current.items())
+        lines.append(
+            f"  {machine}; metal-flash-sdpa {found['package']} build {found['build']}, torch {found['torch']}"
+            + (" (another version: not used)" if stale else "")
+        )
+        for variant, record in sorted(entries, key=lambda item: _order(item[0])):
+            lines.append("    " + _verdict_line(variant, record))
+    if unreadable:
+        lines.append(f"  ({unreadable} entries this version cannot read)")
+    return lines
+
+
+def _order(variant) -> tuple:
+    fields = ("kernel", "device", "dtype", "head_dim", "value_dim", "q_heads", "kv_heads", "scale", "causal", "mask")
+    return (*(str(variant.get(name)) for name in fields), variant.get("stage") == "backward")
+
+
+def _verdict_line(variant, record) -> str:
+    described = (
+        f"{variant['kernel']:10} {variant['dtype']:8} {variant['stage']:8} D={variant['head_dim']} "
+        f"Dv={variant['value_dim']} Hq={variant['q_heads']} Hk={variant['kv_heads']} scale={variant['scale']:.6g} "
+        f"causal={variant['causal']} mask={variant['mask']}"
+    )
+    measured = f"max error {record.get('max_error', math.nan):.2g}"
+    line = f"{'passed' if record.get('passed') else 'FAILED'}  {described}  {measured}  {record.get('seconds', 0):.3f} s  {record.get('checked', '')}"
+    return line if record.get("passed") else f"{line}\n      {record.get('detail', '')}"
