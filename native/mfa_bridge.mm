@@ -28,6 +28,7 @@
 #include <tuple>
 
 #include "mfa_params.hpp"
+#include "mfa_platform.hpp"
 
 namespace {
 
@@ -36,6 +37,7 @@ namespace {
 // thread: every use of it happens under this lock.
 std::mutex g_mutex;
 ccv_nnc_mfa_context_t* g_context = nullptr;
+bool g_async_copies = false;  // the probe's decision for g_context
 
 // The message of whatever `call` throws, or "" if it returns. Objects ccv autoreleases are
 // freed in the pool here: a Python thread has no pool of its own.
@@ -72,10 +74,6 @@ void on_stream(at::mps::MPSStream* stream, const char* what, F&& body) {
   TORCH_CHECK(failure.empty(), "metal_flash_sdpa: ", what, " failed: ", failure);
 }
 
-int macos_major_version() {
-  return int([[NSProcessInfo processInfo] operatingSystemVersion].majorVersion);
-}
-
 ccv_nnc_mfa_context_t* context_locked() {
   if (g_context == nullptr) {
     id<MTLDevice> device = at::mps::MPSDevice::getInstance()->device();
@@ -83,9 +81,9 @@ ccv_nnc_mfa_context_t* context_locked() {
     ccv_nnc_mfa_context_t* context = nullptr;
     ccv_call("creating the MFA context", [&] {
       context = ccv_nnc_init_mfa_context((__bridge MTL::Device*)device);
-      // Once, before any kernel is generated: macOS 26 rejects the `__asm` async-copy
-      // declarations in runtime-compiled source.
-      ccv_nnc_mfa_set_async_copies(context, mfa_sdpa::async_copies_for_macos(macos_major_version()));
+      // Once, before any kernel is generated: async copies only if this Mac's compiler
+      // takes them (macOS 26 rejects their `__asm` declarations in runtime-compiled source).
+      g_async_copies = mfa_sdpa::configure_copies(context, (__bridge MTL::Device*)device);
     });
     g_context = context;
   }

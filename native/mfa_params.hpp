@@ -125,9 +125,4 @@ inline ccv_nnc_mfa_attention_params_t make_params(const Shape& s, DType dtype, f
   return p;
 }
 
-// Whether ccv's v2 kernels may use the simdgroup async-copy intrinsics: macOS 26 rejects
-// the `__asm` declarations they need in runtime-compiled source, so from 26 on they copy
-// with plain SIMD-group loads and stores (ccv_nnc_mfa_set_async_copies, our patch 0004).
-inline bool async_copies_for_macos(int macos_major) { return macos_major < 26; }
-
 }  // namespace mfa_sdpa

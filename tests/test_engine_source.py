@@ -277,12 +277,39 @@ def launches(raw: dict) -> list:
     return out
 
 
-def test_no_async_copies_mode_is_chosen_from_the_macos_version(driver):
-    for macos, asm in ((15, True), (25, True), (26, False), (27, False)):
-        code, result = run_driver(driver, call("fp32", "apple9", macos, 64, grad=False))
-        assert code == 0, result
-        sources = [library["source"] for library in result["libraries"] if not library["precompiled"]]
-        assert sources and all(("__asm" in source) == asm for source in sources), f"macOS {macos}"
+@pytest.mark.parametrize(
+    "macos,os_reports,asm",
+    [
+        (15, None, True),
+        (25, None, True),
+        (26, None, False),
+        (27, None, False),
+        # macOS 26 as a process linked against an older SDK sees it: the version says 16,
+        # the probe says no (a version rule would have picked the async copies)
+        (26, "16.0.0", False),
+        # a version that says 26 decides nothing either: the compiler takes them here
+        (15, "26.0.0", True),
+    ],
+)
+def test_copy_mode_is_chosen_by_the_probe(driver, macos, os_reports, asm):
+    extra = ("--os-reports", os_reports) if os_reports else ()
+    code, result = run_driver(driver, call("fp32", "apple9", macos, 64, grad=False), *extra)
+    assert code == 0, result
+    sources = [library["source"] for library in result["libraries"] if not library["precompiled"]]
+    assert sources and all(("__asm" in source) == asm for source in sources), f"macOS {macos}"
+    reported = os_reports or f"{macos}.0.0"
+    major = 26 if reported.startswith("16.") else int(reported.split(".")[0])
+    assert result["platform"] == {"macos_version": reported, "macos_major": major, "async_copies": asm}
+
+
+def test_probe_source_passes_the_syntax_check():
+    """The probe declares and calls one of ccv's async copies as its kernels do: a source
+    the Metal syntax check takes, so that only a compiler refusing `__asm` refuses it."""
+    check = _syntax_check()
+    text = (REPO / "native" / "mfa_platform.hpp").read_text()
+    source = re.search(r'kAsyncCopyProbeSource = R"\((.*?)\)";', text, flags=re.S).group(1)
+    assert "__asm(\"air.simdgroup_async_copy" in source and "kernel void mfa_sdpa_async_copy_probe(" in source
+    check(source)
 
 
 def cli(*args, env=None):
@@ -299,6 +326,14 @@ def test_cli_prints_every_kernel(driver):
     names = re.findall(r"^// kernel: (\S+)$", out, flags=re.M)
     assert names == ATTENTION[:1] + ["cast_float_to_half"] + ATTENTION[1:]
     assert "__asm" not in out  # the CLI's default is macOS 26
+
+
+@pytest.mark.parametrize("macos,os_reports,asm", [("26", "16", False), ("15", None, True)])
+def test_cli_copy_mode_follows_the_compiler_not_the_reported_version(driver, macos, os_reports, asm):
+    extra = ("--os-reports", os_reports) if os_reports else ()
+    code, out, err = cli("source", "--dtype", "fp16", "--q-len", "9", "--kv-len", "9", "--head-dim", "64", "--macos", macos, *extra)
+    assert code == 0, err
+    assert ("__asm" in out) == asm
 
 
 def test_cli_refuses_with_exit_2_and_one_line(driver):

@@ -4,9 +4,14 @@
   python tools/mfa_engine.py source --dtype {fp32,fp16,bf16} --batch B --heads H
       --kv-heads HK --q-len R --kv-len C --head-dim D [--causal] [--mask {none,bool,additive}]
       [--mask-shape {LS,B1LS,BHLS,B11S}] [--grad] [--gpu {apple7,apple9}] [--macos N]
+      [--os-reports V]
 
 prints the Metal source of every kernel the call launches (forward; with --grad the backward
-too), each after a line `// kernel: NAME`. Exit 0; 2 when MFAKernel.supports() refuses the
+too), each after a line `// kernel: NAME`. --macos N models that Mac's compiler (from 26 on
+it rejects `__asm` in runtime-compiled source); --os-reports V is what its NSProcessInfo
+reports (default N; a process linked against an SDK older than macOS 26 is told 16.x
+there). The copy mode is the bridge's: a probe source with one async-copy declaration is
+compiled first, and ccv's kernels use async copies only if it compiles. Exit 0; 2 when MFAKernel.supports() refuses the
 call (the reason on stderr); 3 when the engine fails (ccv raised, or it encoded something
 Metal would reject). ccv comes from MFA_CCV_SOURCE or ../shared/ccv/ (tools/engine/build.py).
 
@@ -59,7 +64,8 @@ def call_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mask-shape", choices=encode.MASK_SHAPES, default="B1LS")
     parser.add_argument("--grad", action="store_true")
     parser.add_argument("--gpu", choices=("apple7", "apple9"), default="apple9")
-    parser.add_argument("--macos", type=int, default=26)
+    parser.add_argument("--macos", type=int, default=26, help="the modelled macOS (its compiler)")
+    parser.add_argument("--os-reports", default=None, help="what NSProcessInfo reports, MAJOR[.MINOR[.PATCH]] (default: --macos)")
 
 
 def to_call(args) -> encode.Call:

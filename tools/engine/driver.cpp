@@ -6,12 +6,15 @@
 //
 //   driver --dtype fp16 --batch B --heads H --kv-heads HK --q-len R --kv-len C --head-dim D
 //          [--grad] [--causal] [--mask-strides B,H,ROW] [--gpu apple7|apple9] [--macos N] [--scale S]
-//          [--offset BYTES]
+//          [--os-reports V] [--offset BYTES]
 //          [--async-copies auto|on|off] [--fault empty-library|nil-pipeline|no-memory]
 //          [--no-prepare]
 //
-// --async-copies: whether ccv's kernels use the async-copy intrinsics; auto decides from
-// --macos as the bridge does. --fault no-memory: buffers beyond ccv's initial 64 KiB
+// --macos N: the modelled Mac's compiler (from 26 on it rejects `__asm` in source);
+// --os-reports V: what its NSProcessInfo reports (MAJOR[.MINOR[.PATCH]], default N), as a
+// process linked against an older SDK is told 16.x on macOS 26.
+// --async-copies: whether ccv's kernels use the async-copy intrinsics; auto decides by the
+// bridge's probe (native/mfa_platform.hpp). --fault no-memory: buffers beyond ccv's initial 64 KiB
 // scratch cannot be allocated. --no-prepare: encode without preparing first, as ccv's own
 // callers may: the encode then builds and allocates for itself, so its own failure paths
 // (inside a command) run.
@@ -32,6 +35,7 @@
 #include <string>
 
 #include "../../native/mfa_params.hpp"
+#include "../../native/mfa_platform.hpp"
 #include "recorder.hpp"
 
 namespace {
@@ -60,6 +64,7 @@ constexpr std::uint64_t kInitialScratchBytes = 65536;
 Options parse(int argc, char** argv) {
   Options o;
   bool kv_heads_given = false;
+  bool os_reports_given = false;
   auto& device = mfa_engine::record().device;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -107,6 +112,11 @@ Options parse(int argc, char** argv) {
       else usage("unknown gpu " + v);
     } else if (a == "--macos") {
       device.macos = std::atoi(value().c_str());
+    } else if (a == "--os-reports") {
+      long* v = device.os_reports;
+      v[1] = v[2] = 0;
+      if (std::sscanf(value().c_str(), "%ld.%ld.%ld", &v[0], &v[1], &v[2]) < 1) usage("--os-reports takes MAJOR[.MINOR[.PATCH]]");
+      os_reports_given = true;
     } else if (a == "--async-copies") {
       o.async_copies = value();
       if (o.async_copies != "auto" && o.async_copies != "on" && o.async_copies != "off")
@@ -121,6 +131,10 @@ Options parse(int argc, char** argv) {
   }
   if (!kv_heads_given) o.shape.Hk = o.shape.Hq;
   device.reject_asm = device.macos >= 26;
+  if (!os_reports_given) {
+    device.os_reports[0] = device.macos;
+    device.os_reports[1] = device.os_reports[2] = 0;
+  }
   if (o.scale == 0) o.scale = 1.0 / std::sqrt(double(o.shape.D));
   return o;
 }
@@ -218,9 +232,15 @@ int run(const Options& o) {
   }
   MTL::Device device;
   ccv_nnc_mfa_context_t* context = ccv_nnc_init_mfa_context(&device);
-  const int macos = mfa_engine::record().device.macos;
-  ccv_nnc_mfa_set_async_copies(context, o.async_copies == "auto" ? mfa_sdpa::async_copies_for_macos(macos)
-                                                                 : o.async_copies == "on");
+  // As the bridge creates its context: the copy mode by the probe.
+  bool async = o.async_copies == "on";
+  if (o.async_copies == "auto") async = mfa_sdpa::configure_copies(context, &device);
+  else ccv_nnc_mfa_set_async_copies(context, async);
+  const mfa_sdpa::MacOS macos = mfa_sdpa::macos();
+  auto& platform = mfa_engine::record().platform;
+  platform.emplace_back("macos_version", "\"" + macos.reported + "\"");
+  platform.emplace_back("macos_major", std::to_string(macos.major));
+  platform.emplace_back("async_copies", async ? "true" : "false");
   if (!ccv_nnc_mfa_context_supported(context)) {
     std::printf("{\"refused\": \"GPU family not supported by MFA\"}\n");
     return 2;

@@ -36,7 +36,8 @@ class Call:
     mask_shape: str = "B1LS"  # one of MASK_SHAPES, with a mask
     grad: bool = False
     gpu: str = "apple9"  # apple7, apple9
-    macos: int = 26
+    macos: int = 26  # the modelled Mac's compiler: from 26 on it rejects `__asm` in source
+    os_reports: Optional[str] = None  # what its NSProcessInfo reports; None: macos
 
     @property
     def torch_dtype(self):
@@ -52,6 +53,8 @@ class Call:
         args = ["--dtype", self.dtype, "--batch", str(self.batch), "--heads", str(self.heads)]
         args += ["--kv-heads", str(self.hk), "--q-len", str(self.q_len), "--kv-len", str(self.kv_len)]
         args += ["--head-dim", str(self.head_dim), "--gpu", self.gpu, "--macos", str(self.macos)]
+        if self.os_reports is not None:
+            args += ["--os-reports", self.os_reports]
         if self.mask != "none":
             args += ["--mask-strides", ",".join(map(str, self.mask_strides()))]
         return args + (["--grad"] if self.grad else []) + (["--causal"] if self.causal else [])

@@ -55,6 +55,10 @@ static std::string quote(const std::string& s) {
 std::string to_json(const Record& r) {
   std::ostringstream o;
   o << "{\"device\": {\"gpu_family\": " << r.device.gpu_family << ", \"macos\": " << r.device.macos << "},\n";
+  o << "\"platform\": {";
+  for (std::size_t i = 0; i < r.platform.size(); ++i)
+    o << (i ? ", " : "") << quote(r.platform[i].first) << ": " << r.platform[i].second;
+  o << "},\n";
   o << "\"libraries\": [";
   for (std::size_t i = 0; i < r.libraries.size(); ++i) {
     o << (i ? ",\n" : "\n") << "{\"precompiled\": " << (r.libraries[i].precompiled ? "true" : "false")
@@ -118,6 +122,20 @@ using mfa_engine::record;
 struct mfa_dispatch_data_s {};
 dispatch_data_t dispatch_data_create(const void*, std::size_t, void*, void*) { return new mfa_dispatch_data_s(); }
 void dispatch_release(dispatch_data_t data) { delete data; }
+
+namespace NS {
+
+ProcessInfo* ProcessInfo::processInfo() {
+  static ProcessInfo info;
+  return &info;
+}
+
+OperatingSystemVersion ProcessInfo::operatingSystemVersion() const {
+  const long* v = record().device.os_reports;
+  return {v[0], v[1], v[2]};
+}
+
+}  // namespace NS
 
 namespace MTL {
 

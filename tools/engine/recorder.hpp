@@ -44,6 +44,9 @@ struct BufferInfo {
 struct DeviceModel {
   int gpu_family = 1009;  // MTL::GPUFamilyApple9
   int macos = 26;
+  // What NSProcessInfo reports (major, minor, patch): by default the modelled macOS; a
+  // process linked against an SDK older than macOS 26 is told 16.x there.
+  long os_reports[3] = {26, 0, 0};
   // Model the reported macOS 26 behaviour: runtime-compiled source declaring `__asm`
   // intrinsics fails to compile.
   bool reject_asm = true;
@@ -63,6 +66,9 @@ struct Record {
   Dispatch state;  // the encoder's current state: it persists between dispatches, as in Metal
   bool has_pipeline = false;
   std::vector<std::string> errors;  // misuse Metal would crash on (nil pipeline, ...)
+  // What the caller decided about the platform, as JSON values by name (the driver's
+  // platform decisions, made by the bridge's own code).
+  std::vector<std::pair<std::string, std::string>> platform;
 };
 
 Record& record();

@@ -111,6 +111,20 @@ class URL : public Object {
   std::string path;
 };
 
+// NSProcessInfo, as far as the bridge's platform checks read it (native/mfa_platform.hpp):
+// it reports what the modelled Mac's NSProcessInfo would (the driver's --os-reports).
+struct OperatingSystemVersion {
+  Integer majorVersion;
+  Integer minorVersion;
+  Integer patchVersion;
+};
+
+class ProcessInfo : public Object {
+ public:
+  static ProcessInfo* processInfo();
+  OperatingSystemVersion operatingSystemVersion() const;
+};
+
 class AutoreleasePool : public Object {
  public:
   static AutoreleasePool* alloc() { return new AutoreleasePool(); }
