@@ -27,6 +27,8 @@
 #include <string>
 #include <tuple>
 
+#include <sys/sysctl.h>
+
 #include "mfa_params.hpp"
 #include "mfa_platform.hpp"
 
@@ -88,6 +90,17 @@ ccv_nnc_mfa_context_t* context_locked() {
     g_context = context;
   }
   return g_context;
+}
+
+// The macOS major version (16.x read as 26: mfa_platform.hpp), read once: it cannot change
+// while the process runs.
+long macos_major_once() {
+  static const long major = [] {
+    @autoreleasepool {
+      return mfa_sdpa::macos().major;
+    }
+  }();
+  return major;
 }
 
 // ccv's v2 shader cache keeps one pipeline per (R, C, batch, strides, ...) for ever: the
@@ -241,6 +254,8 @@ mfa_sdpa::Shape check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Te
   check_shape(k, "k", {s.B, s.C, s.Hk, s.D});
   check_shape(v, "v", {s.B, s.C, s.Hk, s.D});
   strides = check_mask(mask, q, s);
+  const std::string too_old = mfa_sdpa::check_macos(macos_major_once());
+  TORCH_CHECK(too_old.empty(), "metal_flash_sdpa: MFA refuses this call: ", too_old);
   const std::string refused = mfa_sdpa::check_limits(s, dtype_of(dtype), backward, strides ? &*strides : nullptr);
   TORCH_CHECK(refused.empty(), "metal_flash_sdpa: MFA refuses this call: ", refused);
   return s;
@@ -315,6 +330,38 @@ bool device_supported() {
   return ccv_nnc_mfa_context_supported(context_locked()) != 0;
 }
 
+// The OS build, as `sw_vers -buildVersion` prints it ("24F74"); "" if unreadable.
+std::string macos_build() {
+  char build[64] = {};
+  size_t size = sizeof build - 1;
+  return sysctlbyname("kern.osversion", build, &size, nullptr, 0) == 0 ? std::string(build) : std::string();
+}
+
+// What results on this machine depend on, for the first-use self-check's verdicts and for
+// bug reports: the GPU, the OS as NSProcessInfo reports it and its build, the probe's
+// copy mode and the Metal language the kernels compile as. Creates ccv's context.
+py::dict device_info() {
+  std::string gpu, version;
+  bool async_copies = false;
+  {
+    py::gil_scoped_release release;
+    std::lock_guard<std::mutex> lock(g_mutex);
+    ccv_nnc_mfa_context_t* context = context_locked();
+    ccv_call("reading the platform", [&] {
+      gpu = context->device->name()->utf8String();
+      version = mfa_sdpa::macos().reported;
+    });
+    async_copies = g_async_copies;
+  }
+  py::dict info;
+  info["gpu"] = gpu;
+  info["macos_version"] = version;
+  info["macos_build"] = macos_build();
+  info["async_copies"] = async_copies;
+  info["metal_language"] = mfa_sdpa::metal_language();
+  return info;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Metal FlashAttention (ccv MFA v2) encoded on PyTorch's MPS stream";
   m.def("attention_forward", &attention_forward,
@@ -328,5 +375,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("scale"), py::arg("causal"),
         py::arg("mask") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("device_supported", &device_supported, py::call_guard<py::gil_scoped_release>());
+  m.def("device_info", &device_info,
+        "{gpu, macos_version (NSProcessInfo's), macos_build, async_copies (the probe's decision), metal_language}");
+  m.def("macos_major", &macos_major_once, "macOS major version; NSProcessInfo's compatibility reading 16 as 26",
+        py::call_guard<py::gil_scoped_release>());
   m.attr("CCV_COMMIT") = "85efcf823fdb459559f21726703b863da2b378f2";
 }

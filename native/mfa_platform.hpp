@@ -34,6 +34,22 @@ inline MacOS macos() {
   return {text, macos_major(long(v.majorVersion))};
 }
 
+// ccv's kernels compile as Metal 3.1 (patch 0009: ccv::nnc::mfa::language_version), which
+// macOS 14 brought; "3.1".
+inline std::string metal_language() {
+  const auto version = static_cast<unsigned long>(ccv::nnc::mfa::language_version);
+  return std::to_string(version >> 16) + "." + std::to_string(version & 0xFFFF);
+}
+constexpr long kMinMacOSMajor = 14;
+
+// Empty when ccv's kernels compile on this macOS (macos_major()), else why not. Mirrors
+// MFAKernel.supports().
+inline std::string check_macos(long major) {
+  if (major >= kMinMacOSMajor) return "";
+  return "MFA's kernels compile as Metal " + metal_language() + " (for bfloat), which needs macOS " +
+         std::to_string(kMinMacOSMajor) + "; this is macOS " + std::to_string(major);
+}
+
 // One of ccv's async-copy declarations (v2/GEMMHeaders.cpp, createMetalSimdgroupEvent),
 // called by a kernel so that the compiler must resolve it. macOS 26 is reported to reject
 // `__asm` declarations in runtime-compiled source.
@@ -55,13 +71,14 @@ kernel void mfa_sdpa_async_copy_probe(device const uchar* source [[buffer(0)]],
 )";
 
 // Whether this device's compiler takes ccv's async copies: the probe compiles (with the
-// options ccv's kernels compile with), its function is found, and a pipeline is made from
+// options ccv's kernels compile with, patch 0009), its function is found, and a pipeline is made from
 // it (where the backend lowers the intrinsic). Any failure means no: the kernels then copy
 // with plain loads and stores (ccv_nnc_mfa_set_async_copies, our patch 0004).
 inline bool async_copies_compile(MTL::Device* device) {
   NS::Error* error = nullptr;
+  NS::SharedPtr<MTL::CompileOptions> options = ccv::nnc::mfa::new_compile_options();  // patch 0009
   NS::SharedPtr<MTL::Library> library = NS::TransferPtr(
-      device->newLibrary(NS::String::string(kAsyncCopyProbeSource, NS::UTF8StringEncoding), nullptr, &error));
+      device->newLibrary(NS::String::string(kAsyncCopyProbeSource, NS::UTF8StringEncoding), options.get(), &error));
   if (!library) return false;
   NS::SharedPtr<MTL::Function> function =
       NS::TransferPtr(library->newFunction(NS::String::string(kAsyncCopyProbeFunction, NS::UTF8StringEncoding)));

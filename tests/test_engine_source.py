@@ -299,7 +299,33 @@ def test_copy_mode_is_chosen_by_the_probe(driver, macos, os_reports, asm):
     assert sources and all(("__asm" in source) == asm for source in sources), f"macOS {macos}"
     reported = os_reports or f"{macos}.0.0"
     major = 26 if reported.startswith("16.") else int(reported.split(".")[0])
-    assert result["platform"] == {"macos_version": reported, "macos_major": major, "async_copies": asm}
+    platform = {"macos_version": reported, "macos_major": major, "async_copies": asm, "metal_language": "3.1"}
+    assert result["platform"] == platform
+
+
+def test_compile_options_of_every_library(records):
+    """Every library ccv compiles (and the probe) is created with explicit options, Metal 3.1
+    and fast math (patch 0009), not the process's defaults."""
+    for key, record in records.items():
+        for library in record.raw["libraries"]:
+            if not library["precompiled"]:
+                assert library["options"] == {"language": "3.1", "fast_math": True}, key
+
+
+@pytest.mark.parametrize("language,dtype,compiles", [("3.1", "bf16", True), ("3.0", "bf16", False), ("none", "bf16", False), ("3.0", "fp16", True)])
+def test_stand_in_compiler_rejects_bfloat_below_3_1(driver, tmp_path, language, dtype, compiles):
+    """The recording compiler's rule, both ways: a bf16 kernel's source (it declares bfloat)
+    compiles as Metal 3.1 and fails below it, or with no options (the process's default,
+    modelled as 3.0); an fp16 source compiles at 3.0."""
+    kernel = encode.encode(call(dtype, "apple9", 26, 64, q_len=9, kv_len=9, grad=False), check_refusal=False).kernels()[0]
+    assert ("bfloat" in kernel.source) == (dtype == "bf16")
+    path = tmp_path / "kernel.metal"
+    path.write_text(kernel.source)
+    result = subprocess.run([str(driver), "--compile-source", str(path), "--language", language], capture_output=True, text=True, timeout=60)
+    if compiles:
+        assert result.returncode == 0 and json.loads(result.stdout) == {"compiled": True}, result
+    else:
+        assert result.returncode == 3 and "unknown type name 'bfloat'" in json.loads(result.stdout)["error"], result
 
 
 def test_probe_source_passes_the_syntax_check():
@@ -325,6 +351,8 @@ def test_cli_prints_every_kernel(driver):
     assert code == 0, err
     names = re.findall(r"^// kernel: (\S+)$", out, flags=re.M)
     assert names == ATTENTION[:1] + ["cast_float_to_half"] + ATTENTION[1:]
+    options = re.findall(r"^// kernel: \S+\n(.*)$", out, flags=re.M)
+    assert options == ["// options: language=3.1 fast_math=on"] * len(names)
     assert "__asm" not in out  # the CLI's default is macOS 26
 
 

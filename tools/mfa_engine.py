@@ -7,7 +7,8 @@
       [--os-reports V]
 
 prints the Metal source of every kernel the call launches (forward; with --grad the backward
-too), each after a line `// kernel: NAME`. --macos N models that Mac's compiler (from 26 on
+too), each after a line `// kernel: NAME` and a line `// options: language=X.Y fast_math=on|off`
+(the compile options of its library). --macos N models that Mac's compiler (from 26 on
 it rejects `__asm` in runtime-compiled source); --os-reports V is what its NSProcessInfo
 reports (default N; a process linked against an SDK older than macOS 26 is told 16.x
 there). The copy mode is the bridge's: a probe source with one async-copy declaration is
@@ -75,7 +76,7 @@ def to_call(args) -> encode.Call:
 def cmd_source(args) -> int:
     record = encode.encode(to_call(args))
     for kernel in record.kernels():
-        sys.stdout.write(f"// kernel: {kernel.name}\n{kernel.source}\n")
+        sys.stdout.write(f"// kernel: {kernel.name}\n{kernel.options_line()}\n{kernel.source}\n")
     return 0
 
 

@@ -9,7 +9,11 @@
 //          [--os-reports V] [--offset BYTES]
 //          [--async-copies auto|on|off] [--fault empty-library|nil-pipeline|no-memory]
 //          [--no-prepare]
+//   driver --compile-source FILE [--language X.Y|none] [--macos N]
 //
+// --compile-source: only compile FILE's Metal source on the modelled compiler, with the
+// language version given (none: no compile options), and print {"compiled": true} or
+// (exit 3) {"error": ...}: the stand-in compiler's own rules, tested apart.
 // --macos N: the modelled Mac's compiler (from 26 on it rejects `__asm` in source);
 // --os-reports V: what its NSProcessInfo reports (MAJOR[.MINOR[.PATCH]], default N), as a
 // process linked against an older SDK is told 16.x on macOS 26.
@@ -33,6 +37,7 @@
 #include <set>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "../../native/mfa_params.hpp"
 #include "../../native/mfa_platform.hpp"
@@ -51,6 +56,8 @@ struct Options {
   std::uint64_t offset = 0;
   std::string async_copies = "auto";  // auto, on, off
   bool prepare = true;
+  std::string compile_source;      // --compile-source FILE
+  std::string language = "none";  // with it: X.Y or none
 };
 
 // The scratch buffer ccv's context allocates when it is created.
@@ -80,6 +87,10 @@ Options parse(int argc, char** argv) {
         usage("--mask-strides takes B,H,ROW");
     } else if (a == "--grad") {
       o.grad = true;
+    } else if (a == "--compile-source") {
+      o.compile_source = value();
+    } else if (a == "--language") {
+      o.language = value();
     } else if (a == "--no-prepare") {
       o.prepare = false;
     } else if (a == "--dtype") {
@@ -222,7 +233,31 @@ void encode(bool prepare, ccv_nnc_mfa_context_t* context, const ccv_nnc_mfa_atte
   }
 }
 
+// --compile-source: one newLibrary on the modelled compiler.
+int compile_only(const Options& o) {
+  std::FILE* file = std::fopen(o.compile_source.c_str(), "rb");
+  if (!file) usage("cannot read " + o.compile_source);
+  std::string source;
+  char chunk[4096];
+  for (std::size_t n; (n = std::fread(chunk, 1, sizeof chunk, file)) > 0;) source.append(chunk, n);
+  std::fclose(file);
+  MTL::Device device;
+  NS::SharedPtr<MTL::CompileOptions> options;
+  if (o.language != "none") {
+    unsigned major = 0, minor = 0;
+    if (std::sscanf(o.language.c_str(), "%u.%u", &major, &minor) != 2) usage("--language takes X.Y or none");
+    options = NS::TransferPtr(MTL::CompileOptions::alloc()->init());
+    options->setLanguageVersion(MTL::LanguageVersion((major << 16) + minor));
+  }
+  NS::Error* error = nullptr;
+  MTL::Library* library = device.newLibrary(new NS::String(source), options.get(), &error);
+  if (!library) throw std::runtime_error(error ? error->localizedDescription()->value : "no library and no error");
+  std::printf("{\"compiled\": true}\n");
+  return 0;
+}
+
 int run(const Options& o) {
+  if (!o.compile_source.empty()) return compile_only(o);
   const auto& s = o.shape;
   const mfa_sdpa::MaskStrides* mask = o.masked ? &o.mask : nullptr;
   const std::string refused = mfa_sdpa::check_limits(s, o.dtype, o.grad, mask);
@@ -241,6 +276,12 @@ int run(const Options& o) {
   platform.emplace_back("macos_version", "\"" + macos.reported + "\"");
   platform.emplace_back("macos_major", std::to_string(macos.major));
   platform.emplace_back("async_copies", async ? "true" : "false");
+  platform.emplace_back("metal_language", "\"" + mfa_sdpa::metal_language() + "\"");
+  const std::string too_old = mfa_sdpa::check_macos(macos.major);  // as the bridge refuses
+  if (!too_old.empty()) {
+    std::printf("{\"refused\": \"%s\"}\n", too_old.c_str());
+    return 2;
+  }
   if (!ccv_nnc_mfa_context_supported(context)) {
     std::printf("{\"refused\": \"GPU family not supported by MFA\"}\n");
     return 2;

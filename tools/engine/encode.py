@@ -109,6 +109,13 @@ class Kernel:
 
     name: str
     source: str
+    options: Optional[dict] = None  # the compile options: {"language": "3.1", "fast_math": True}; None: none given
+
+    def options_line(self) -> str:
+        """``// options: language=X.Y fast_math=on|off`` (``// options: none`` without options)."""
+        if self.options is None:
+            return "// options: none"
+        return f"// options: language={self.options['language']} fast_math={'on' if self.options['fast_math'] else 'off'}"
 
 
 @dataclasses.dataclass
@@ -131,7 +138,8 @@ class Record:
             if library not in seen:
                 seen.add(library)
                 source = self.raw["libraries"][library]["source"]
-                out.append(Kernel(kernel_name(self.raw["pipelines"][dispatch["pipeline"]]["function"], source), source))
+                name = kernel_name(self.raw["pipelines"][dispatch["pipeline"]]["function"], source)
+                out.append(Kernel(name, source, self.raw["libraries"][library].get("options")))
         return out
 
 

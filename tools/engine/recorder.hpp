@@ -33,6 +33,9 @@ struct Pipeline {
 struct Library {
   std::string source;  // empty for the precompiled v1 metallib
   bool precompiled;
+  bool options_given = false;  // newLibrary had compile options, with:
+  std::string language;        // "3.1"
+  bool fast_math = true;
 };
 
 struct BufferInfo {
@@ -53,6 +56,10 @@ struct DeviceModel {
   // Fault injection, as reported on macOS 26.5: a library compiles without error but holds
   // no function ("empty-library"), or pipeline creation returns nil ("nil-pipeline").
   std::string fault;
+  // The Metal language a library compiles as without options saying which: the process's
+  // default, not guaranteed; modelled as 3.0, where `bfloat` is unknown (reported under
+  // Python on macOS 15.6.1).
+  unsigned default_language = (3u << 16) + 0;
   // Allocations above this fail (nil), as Metal's do past the device's limit.
   std::uint64_t max_buffer_bytes = std::uint64_t(1) << 36;
 };
