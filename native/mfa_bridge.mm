@@ -31,6 +31,7 @@
 
 #include "mfa_params.hpp"
 #include "mfa_platform.hpp"
+#include "mfa_scratch.hpp"
 
 namespace {
 
@@ -131,11 +132,11 @@ void admit_pipeline_shape(ccv_nnc_mfa_context_t* context, at::mps::MPSStream* st
 }
 
 // ccv's request_scratch replaces its one scratch buffer (releasing the old one) when a call
-// needs more, maybe while a command buffer not yet completed still uses the old one.
-// PyTorch's command buffers appear to retain what they bind (MPSAllocator treats a buffer
-// with retainCount > 1 as in use by the GPU) but MPSCommandBuffer does not document it, so
-// the replaced buffer is held until the current command buffer completes; buffers of one
-// queue complete in order, so every earlier user of it is done by then.
+// needs more, while a command buffer not yet completed may still bind the old one (a
+// forward and its backward in one of PyTorch's command buffers: mfa_scratch.hpp). Whether
+// PyTorch's command buffers retain what they bind is not documented, so the replaced
+// buffer is held until the current command buffer completes; buffers of one queue
+// complete in order, so every earlier user of it is done by then.
 void keep_until_completed(at::mps::MPSStream* stream, id<MTLBuffer> replaced) {
   [stream->commandBuffer() addCompletedHandler:^(id<MTLCommandBuffer>) {
     (void)replaced;
@@ -177,15 +178,16 @@ void encode(const mfa_sdpa::Shape& s, mfa_sdpa::DType dtype, float scale, bool b
   const mfa_sdpa::MaskStrides& m = mask ? *mask : no_mask;
   admit_pipeline_shape(context, stream,
                        {s.B, s.R, s.C, s.Hq, s.Hk, s.D, int(dtype), backward, scale, causal, m.batch, m.head, m.row});
+  // Held from before prepare, which grows the scratch (as the engine's driver does).
+  const mfa_sdpa::ScratchKeeper scratch(context);
   ccv_call("building the MFA kernels", [&] { ccv_nnc_mfa_prepare_attention(context, params); });
   on_stream(stream, "encoding the MFA kernels", [&] {
     id<MTLComputeCommandEncoder> encoder = stream->commandEncoder();
     // The command buffer is PyTorch's: ccv only encodes into the borrowed encoder.
     MTL::CommandBatch batch(nullptr, (__bridge MTL::ComputeCommandEncoder*)encoder);
-    id<MTLBuffer> scratch = (__bridge id<MTLBuffer>)context->scratch.get();
     ccv_nnc_mfa_encode_attention(context, params, &batch, bindings.buffers, bindings.offsets);
-    if ((__bridge void*)scratch != (void*)context->scratch.get()) {
-      keep_until_completed(stream, scratch);
+    if (NS::SharedPtr<MTL::Buffer> replaced = scratch.replaced()) {
+      keep_until_completed(stream, (__bridge id<MTLBuffer>)replaced.get());
     }
   });
 }

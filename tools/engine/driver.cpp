@@ -8,7 +8,7 @@
 //          [--grad] [--causal] [--mask-strides B,H,ROW] [--gpu apple7|apple9] [--macos N] [--scale S]
 //          [--os-reports V] [--offset BYTES]
 //          [--async-copies auto|on|off] [--fault empty-library|nil-pipeline|no-memory]
-//          [--no-prepare]
+//          [--no-prepare] [--same-command-buffer] [--no-keep-scratch]
 //   driver --compile-source FILE [--language X.Y|none] [--macos N]
 //
 // --compile-source: only compile FILE's Metal source on the modelled compiler, with the
@@ -22,6 +22,13 @@
 // scratch cannot be allocated. --no-prepare: encode without preparing first, as ccv's own
 // callers may: the encode then builds and allocates for itself, so its own failure paths
 // (inside a command) run.
+//
+// --same-command-buffer: the forward and the backward go into one command buffer, which
+// completes only after both (as PyTorch's stream may commit them together); by default
+// each completes after its encode. The stand-in device records every release of a buffer
+// that a dispatch of a command buffer not yet completed binds, and the run fails (exit 3).
+// The bridge keeps the scratch ccv replaces during a call until the command buffer
+// completes (native/mfa_scratch.hpp); --no-keep-scratch does not, as the bridge did before.
 //
 // --mask-strides: an additive attention mask in the call's dtype, with these strides in
 // elements (batch, query head, query row; 0 where it broadcasts), in a buffer "mask" of
@@ -41,6 +48,7 @@
 
 #include "../../native/mfa_params.hpp"
 #include "../../native/mfa_platform.hpp"
+#include "../../native/mfa_scratch.hpp"
 #include "recorder.hpp"
 
 namespace {
@@ -56,6 +64,8 @@ struct Options {
   std::uint64_t offset = 0;
   std::string async_copies = "auto";  // auto, on, off
   bool prepare = true;
+  bool same_command_buffer = false;
+  bool keep_scratch = true;
   std::string compile_source;      // --compile-source FILE
   std::string language = "none";  // with it: X.Y or none
 };
@@ -91,6 +101,10 @@ Options parse(int argc, char** argv) {
       o.compile_source = value();
     } else if (a == "--language") {
       o.language = value();
+    } else if (a == "--same-command-buffer") {
+      o.same_command_buffer = true;
+    } else if (a == "--no-keep-scratch") {
+      o.keep_scratch = false;
     } else if (a == "--no-prepare") {
       o.prepare = false;
     } else if (a == "--dtype") {
@@ -215,7 +229,19 @@ void check_recovery(const Call& call, const std::exception& raised) {
   throw std::runtime_error("the same call then succeeded" + context);
 }
 
-void encode(bool prepare, ccv_nnc_mfa_context_t* context, const ccv_nnc_mfa_attention_params_t& params, Tensor* tensors, int count) {
+// The command buffer being encoded: what the bridge holds until it completes.
+struct CommandBuffer {
+  bool keep_scratch;
+  std::vector<NS::SharedPtr<MTL::Buffer>> kept;
+
+  void complete() {
+    mfa_engine::complete_command_buffer();
+    kept.clear();  // the bridge's completed handler lets them go
+  }
+};
+
+void encode(bool prepare, ccv_nnc_mfa_context_t* context, const ccv_nnc_mfa_attention_params_t& params, Tensor* tensors,
+            int count, CommandBuffer& command_buffer) {
   MTL::Buffer* buffers[mfa_sdpa::kBackwardBuffers] = {};
   std::size_t offsets[mfa_sdpa::kBackwardBuffers] = {};
   for (int i = 0; i < count; ++i) {
@@ -225,12 +251,15 @@ void encode(bool prepare, ccv_nnc_mfa_context_t* context, const ccv_nnc_mfa_atte
   MTL::ComputeCommandEncoder encoder;
   MTL::CommandBatch batch(nullptr, &encoder);  // the bridge's borrowed-encoder batch
   const Call call{prepare, context, params, &batch, buffers, offsets};
+  const mfa_sdpa::ScratchKeeper scratch(context);  // as the bridge: before prepare
   try {
     prepare_and_encode(call);
   } catch (const std::exception& raised) {
     check_recovery(call, raised);
     throw;
   }
+  if (NS::SharedPtr<MTL::Buffer> replaced = scratch.replaced(); replaced && command_buffer.keep_scratch)
+    command_buffer.kept.push_back(replaced);
 }
 
 // --compile-source: one newLibrary on the modelled compiler.
@@ -294,13 +323,20 @@ int run(const Options& o) {
          lse = tensor("lse", lse_elements, 4, o.offset);
   const Tensor mask_tensor = mask ? tensor("mask", mfa_sdpa::mask_span(s, *mask), es, o.offset) : Tensor{nullptr, 0};
   Tensor forward[mfa_sdpa::kForwardBuffers] = {q, k, v, out, mask_tensor, lse};
-  encode(o.prepare, context, mfa_sdpa::make_params(s, o.dtype, float(o.scale), false, o.causal, mask), forward, mfa_sdpa::kForwardBuffers);
+  CommandBuffer command_buffer{o.keep_scratch, {}};
+  encode(o.prepare, context, mfa_sdpa::make_params(s, o.dtype, float(o.scale), false, o.causal, mask), forward,
+         mfa_sdpa::kForwardBuffers, command_buffer);
+  if (!o.same_command_buffer) command_buffer.complete();
   if (o.grad) {
     Tensor dout = tensor("do", q_elements, es, o.offset), dq = tensor("dq", q_elements, es, o.offset),
            dk = tensor("dk", kv_elements, es, o.offset), dv = tensor("dv", kv_elements, es, o.offset);
     Tensor backward[mfa_sdpa::kBackwardBuffers] = {q, k, v, out, lse, dout, dq, dk, dv, mask_tensor};
-    encode(o.prepare, context, mfa_sdpa::make_params(s, o.dtype, float(o.scale), true, o.causal, mask), backward, mfa_sdpa::kBackwardBuffers);
+    encode(o.prepare, context, mfa_sdpa::make_params(s, o.dtype, float(o.scale), true, o.causal, mask), backward,
+           mfa_sdpa::kBackwardBuffers, command_buffer);
   }
+  command_buffer.complete();
+  const auto& released = mfa_engine::record().released_in_use;
+  if (!released.empty()) throw std::runtime_error("use after release: " + released.front());
   std::fputs(mfa_engine::to_json(mfa_engine::record()).c_str(), stdout);
   return mfa_engine::record().errors.empty() ? 0 : 4;
 }

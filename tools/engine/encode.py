@@ -57,7 +57,10 @@ class Call:
             args += ["--os-reports", self.os_reports]
         if self.mask != "none":
             args += ["--mask-strides", ",".join(map(str, self.mask_strides()))]
-        return args + (["--grad"] if self.grad else []) + (["--causal"] if self.causal else [])
+        # the backward in the forward's command buffer, as PyTorch's stream may encode them:
+        # the driver fails a run that releases a buffer a pending dispatch binds
+        args += ["--grad", "--same-command-buffer"] if self.grad else []
+        return args + (["--causal"] if self.causal else [])
 
     def mask_dims(self) -> tuple:
         """The stored (compact) mask's shape, [Bm, Hm, Rm, C]."""

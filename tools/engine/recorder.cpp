@@ -21,6 +21,8 @@ static MTL::Buffer* new_buffer(const std::string& name, std::uint64_t length) {
 
 MTL::Buffer* tensor_buffer(const std::string& name, std::uint64_t length) { return new_buffer(name, length); }
 
+void complete_command_buffer() { record().in_flight.clear(); }
+
 static std::string hex(const unsigned char* p, std::size_t n) {
   static const char* digits = "0123456789abcdef";
   std::string s;
@@ -317,6 +319,15 @@ void ComputeCommandEncoder::dispatchThreadgroups(Size grid, Size group) {
   d.grid = grid;
   d.group = group;
   record().dispatches.push_back(d);
+  for (const auto& [index, binding] : d.buffers) record().in_flight.insert(binding.buffer);
+}
+
+Buffer::~Buffer() {
+  auto& r = record();
+  if (r.in_flight.count(id))
+    r.released_in_use.push_back("buffer " + std::to_string(id) + " (" + r.buffers[id].name + ", " +
+                                std::to_string(size) + " bytes) was released while a dispatch of a command buffer "
+                                "not yet completed binds it");
 }
 
 void ComputeCommandEncoder::endEncoding() {}

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <map>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -73,6 +74,10 @@ struct Record {
   Dispatch state;  // the encoder's current state: it persists between dispatches, as in Metal
   bool has_pipeline = false;
   std::vector<std::string> errors;  // misuse Metal would crash on (nil pipeline, ...)
+  // Buffers bound by dispatches of the command buffer not yet completed, and every release
+  // of one of them (the GPU would read or write freed memory).
+  std::set<int> in_flight;
+  std::vector<std::string> released_in_use;
   // What the caller decided about the platform, as JSON values by name (the driver's
   // platform decisions, made by the bridge's own code).
   std::vector<std::pair<std::string, std::string>> platform;
@@ -84,5 +89,8 @@ Record& record();
 MTL::Buffer* tensor_buffer(const std::string& name, std::uint64_t length);
 
 std::string to_json(const Record& r);
+
+// The command buffer holding every dispatch recorded so far completed: its buffers may go.
+void complete_command_buffer();
 
 }  // namespace mfa_engine

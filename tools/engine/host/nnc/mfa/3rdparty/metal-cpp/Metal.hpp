@@ -246,6 +246,7 @@ class Buffer : public NS::Object {
   void* contents() { return nullptr; }  // private storage: the host never reads it
   int id = -1;  // index into the record's buffers
   NS::UInteger size = 0;
+  ~Buffer() override;  // a release while a dispatch not yet completed binds it is recorded
 };
 
 class ComputeCommandEncoder : public NS::Object {
