@@ -110,10 +110,13 @@ class GuardedBuffer:
 class Execution:
     """What the kernels wrote, as CPU tensors: out [B, R, H, D] and dq in the call's dtype,
     dk, dv [B, C, H, D], lse [B, H, R] float32 (base 2); mma: 8x8 multiply-accumulates
-    executed per kernel name."""
+    executed per kernel name; float_exceptions: kernel name -> the float exceptions its
+    threads raised (metal.FLOAT_EXCEPTIONS: an operation that made a NaN or an infinity),
+    for the kernels that raised any."""
 
     outputs: dict
     mma: dict
+    float_exceptions: dict = dataclasses.field(default_factory=dict)
 
 
 def random_inputs(call: encode.Call, seed: int) -> dict:
@@ -274,6 +277,7 @@ def execute(
         for name, tensor in contents.items():
             memory.write(name, tensor)
         mma = collections.Counter()
+        flags = collections.Counter()
         frozen = {}  # the forward's results, which the backward must only read
         for dispatch in record.dispatches:
             pipeline = record.raw["pipelines"][dispatch["pipeline"]]
@@ -287,6 +291,7 @@ def execute(
             buffers, constants, lengths = _bindings(kernel, dispatch, pipeline, memory, name, transient)
             stats = kernel.run(dispatch["grid"], dispatch["group"], buffers, constants, lengths, schedule=schedule)
             mma[name] += stats.get("mma", 0)
+            flags[name] |= stats.get("float_exceptions", 0)
         memory.check_surroundings()
         for name, tensor in contents.items():
             if not torch.equal(memory.read(name).view(torch.uint8), tensor.contiguous().view(torch.uint8)):
@@ -296,7 +301,8 @@ def execute(
                 raise ReplayError(f"the backward wrote to the forward's {name}")
         names = OUTPUTS if record.call.grad else OUTPUTS[:2]
         outputs = {name: memory.read(BUFFER_OF.get(name, name)) for name in names}
-        return Execution(outputs, dict(mma))
+        raised = {name: metal.float_exceptions(bits) for name, bits in flags.items() if bits}
+        return Execution(outputs, dict(mma), raised)
     finally:
         memory.free()
         for buffer in transient:
