@@ -166,6 +166,8 @@ struct Bindings {
 // Nothing is committed here: PyTorch commits the command buffer when its own ops would.
 void encode(const mfa_sdpa::Shape& s, mfa_sdpa::DType dtype, float scale, bool backward, bool causal,
             const std::optional<mfa_sdpa::MaskStrides>& mask, Bindings& bindings) {
+  const std::string bad_scale = mfa_sdpa::check_scale(scale);
+  TORCH_CHECK(bad_scale.empty(), "metal_flash_sdpa: MFA refuses this call: ", bad_scale);
   const ccv_nnc_mfa_attention_params_t params =
       mfa_sdpa::make_params(s, dtype, scale, backward, causal, mask ? &*mask : nullptr);
   std::lock_guard<std::mutex> lock(g_mutex);

@@ -58,6 +58,9 @@ ACCEPTED = {
     "bool mask with grad": call(mask="bool", needs_grad=True),
     "per-head mask with grad, gqa": call(mask="additive", mask_per_head=True, kv_heads=2, needs_grad=True),
     "mask bf16 cross attention": call(mask="bool", dtype=torch.bfloat16, q_len=300, kv_len=1000, needs_grad=True),
+    "scale 4, causal": call(scale=4.0, causal=True, needs_grad=True),
+    "scale 2**-32": call(scale=2.0**-32),
+    "scale 2**32, mask": call(scale=2.0**32, mask="additive"),
 }
 
 REFUSED = {
@@ -70,6 +73,12 @@ REFUSED = {
     "empty keys": (call(kv_len=0), "empty"),
     "too many heads": (call(q_heads=70000, kv_heads=70000, q_len=1, kv_len=1), "16-bit leading dimension"),
     "scratch too large": (call(q_len=65536, kv_len=65536, q_heads=32, kv_heads=32, head_dim=128, value_dim=128), "scratch"),
+    # patch 0010: positive finite scales from 2**-32 to 2**32 (tests/test_engine_scale.py)
+    "scale 0": (call(scale=0.0), "scale 0.0 outside"),
+    "negative scale": (call(scale=-0.125), "scale -0.125 outside"),
+    "nan scale": (call(scale=float("nan")), "scale nan outside"),
+    "infinite scale": (call(scale=float("inf")), "scale inf outside"),
+    "scale too large": (call(scale=2.0**33), "2**-32 to 2**32"),
 }
 
 

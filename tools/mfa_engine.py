@@ -4,7 +4,7 @@
   python tools/mfa_engine.py source --dtype {fp32,fp16,bf16} --batch B --heads H
       --kv-heads HK --q-len R --kv-len C --head-dim D [--causal] [--mask {none,bool,additive}]
       [--mask-shape {LS,B1LS,BHLS,B11S}] [--grad] [--gpu {apple7,apple9}] [--macos N]
-      [--os-reports V]
+      [--os-reports V] [--scale S]
 
 prints the Metal source of every kernel the call launches (forward; with --grad the backward
 too), each after a line `// kernel: NAME` and a line `// options: language=X.Y fast_math=on|off`
@@ -67,6 +67,7 @@ def call_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu", choices=("apple7", "apple9"), default="apple9")
     parser.add_argument("--macos", type=int, default=26, help="the modelled macOS (its compiler)")
     parser.add_argument("--os-reports", default=None, help="what NSProcessInfo reports, MAJOR[.MINOR[.PATCH]] (default: --macos)")
+    parser.add_argument("--scale", type=float, default=None, help="SDPA's scale (default 1/sqrt(head dim); 0 is refused, not defaulted)")
 
 
 def to_call(args) -> encode.Call:

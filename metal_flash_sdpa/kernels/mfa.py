@@ -20,6 +20,8 @@ executor (``tools/engine``; ``verified_rung``):
 - heads x head dim under 65536 and tensors (masks included) under 2**32 elements (16-bit
   leading dimensions, 32-bit offsets: ccv would compute wrong results beyond, silently);
 - a call whose fp32 scratch would pass 1 GiB (ccv's scratch sizing breaks beyond it);
+- ``scale`` from 2**-32 to 2**32 (patch 0010: the keys a kernel excludes keep a finite,
+  far negative score at every served scale; <= 0 and non-finite scales are refused);
 - macOS 14 or later: the kernels compile as Metal 3.1, the first with ``bfloat`` (patch
   0009; PyTorch's MPS backend needs macOS 14 anyway). The bridge reports the macOS
   version when it loads (``macos_major``; NSProcessInfo's compatibility reading 16.x is
@@ -54,6 +56,11 @@ MAX_LEADING_DIMENSION = (1 << 16) - 1
 # The kernels offset q, k, v and the outputs by 32-bit products of element counts (batch x
 # batch stride, row x leading dimension), each below the tensor's element count.
 MAX_ELEMENTS = (1 << 32) - 1
+# The scales served (patch 0010): excluded keys (the edge block, above the causal diagonal)
+# score -0.875 * FLT_MAX * min(scale, 1) after scaling, finite for every positive scale and
+# far below any real score within this range; a scale <= 0 breaks the online softmax's
+# running maximum. native/mfa_params.hpp check_scale re-checks it.
+MIN_SCALE, MAX_SCALE = 2.0**-32, 2.0**32
 
 _native = None
 _native_error: Optional[str] = None
@@ -161,6 +168,9 @@ class MFAKernel(Kernel):
             )
         if min(call.batch, call.q_heads, call.q_len, call.kv_len, call.head_dim) < 1:
             return f"empty attention not sent to {self.name}"
+        scale = call.softmax_scale
+        if not MIN_SCALE <= scale <= MAX_SCALE:  # False for NaN
+            return f"scale {scale!r} outside the scales {self.name} serves (2**-32 to 2**32; <= 0 and non-finite never)"
         leading = max(call.q_heads, call.kv_heads) * call.head_dim
         if leading > MAX_LEADING_DIMENSION:
             return f"heads x head dim {leading} beyond the 16-bit leading dimension of {self.name}"

@@ -60,7 +60,7 @@ struct Options {
   bool causal = false;  // torch's is_causal (top-left)
   bool masked = false;
   mfa_sdpa::MaskStrides mask{0, 0, 0};
-  double scale = 0;  // 0: 1/sqrt(D), as SDPA's default
+  double scale = NAN;  // unset: 1/sqrt(D), as SDPA's default (0 is 0: refused)
   std::uint64_t offset = 0;
   std::string async_copies = "auto";  // auto, on, off
   bool prepare = true;
@@ -82,6 +82,7 @@ Options parse(int argc, char** argv) {
   Options o;
   bool kv_heads_given = false;
   bool os_reports_given = false;
+  bool scale_given = false;
   auto& device = mfa_engine::record().device;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -127,7 +128,8 @@ Options parse(int argc, char** argv) {
     } else if (a == "--head-dim") {
       o.shape.D = std::atoll(value().c_str());
     } else if (a == "--scale") {
-      o.scale = std::atof(value().c_str());
+      o.scale = std::strtod(value().c_str(), nullptr);
+      scale_given = true;
     } else if (a == "--offset") {
       o.offset = std::strtoull(value().c_str(), nullptr, 10);
     } else if (a == "--gpu") {
@@ -160,7 +162,7 @@ Options parse(int argc, char** argv) {
     device.os_reports[0] = device.macos;
     device.os_reports[1] = device.os_reports[2] = 0;
   }
-  if (o.scale == 0) o.scale = 1.0 / std::sqrt(double(o.shape.D));
+  if (std::isnan(o.scale) && !scale_given) o.scale = 1.0 / std::sqrt(double(o.shape.D));
   return o;
 }
 
@@ -289,7 +291,8 @@ int run(const Options& o) {
   if (!o.compile_source.empty()) return compile_only(o);
   const auto& s = o.shape;
   const mfa_sdpa::MaskStrides* mask = o.masked ? &o.mask : nullptr;
-  const std::string refused = mfa_sdpa::check_limits(s, o.dtype, o.grad, mask);
+  std::string refused = mfa_sdpa::check_limits(s, o.dtype, o.grad, mask);
+  if (refused.empty()) refused = mfa_sdpa::check_scale(float(o.scale));  // as the bridge refuses
   if (!refused.empty()) {
     std::printf("{\"refused\": \"%s\"}\n", refused.c_str());
     return 2;

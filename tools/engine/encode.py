@@ -38,6 +38,7 @@ class Call:
     gpu: str = "apple9"  # apple7, apple9
     macos: int = 26  # the modelled Mac's compiler: from 26 on it rejects `__asm` in source
     os_reports: Optional[str] = None  # what its NSProcessInfo reports; None: macos
+    scale: Optional[float] = None  # SDPA's scale; None: 1/sqrt(head_dim)
 
     @property
     def torch_dtype(self):
@@ -55,6 +56,8 @@ class Call:
         args += ["--head-dim", str(self.head_dim), "--gpu", self.gpu, "--macos", str(self.macos)]
         if self.os_reports is not None:
             args += ["--os-reports", self.os_reports]
+        if self.scale is not None:
+            args += ["--scale", repr(float(self.scale))]
         if self.mask != "none":
             args += ["--mask-strides", ",".join(map(str, self.mask_strides()))]
         # the backward in the forward's command buffer, as PyTorch's stream may encode them:
@@ -102,6 +105,7 @@ def refusal(call: Call) -> Optional[str]:
         mask=None if call.mask == "none" else call.mask,
         mask_per_head=call.mask != "none" and call.mask_dims()[1] > 1,
         needs_grad=call.grad,
+        scale=call.scale,
     )
     return MFAKernel().supports(kernel_call)
 

@@ -313,8 +313,10 @@ def execute(
 
 
 def default_scale(call: encode.Call) -> float:
-    """1/sqrt(D) as the driver passes it: rounded to float32 (ccv's alpha is a float)."""
-    return torch.tensor(1.0 / math.sqrt(call.head_dim), dtype=torch.float32).item()
+    """The call's scale (1/sqrt(D) when it has none) as the driver passes it: rounded to
+    float32 (ccv's alpha is a float)."""
+    scale = 1.0 / math.sqrt(call.head_dim) if call.scale is None else call.scale
+    return torch.tensor(scale, dtype=torch.float32).item()
 
 
 def reference(call: encode.Call, inputs: dict, scale: Optional[float] = None) -> dict:
