@@ -12,8 +12,10 @@ scale 4 overflows and fails. Scales outside what MFAKernel serves are refused by
 the bridge's check_scale (the driver), with exit 2 from the CLI.
 """
 
+import concurrent.futures
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 
@@ -48,15 +50,41 @@ MATRIX = [
     Case("apple9", "fp16", 33, 31, 1, 1, head_dim=16, batch=1, scale=0.01, causal=True),
     Case("apple7", "fp32", 33, 31, 1, 1, head_dim=16, batch=2, scale=4.0, mask="bool"),
     Case("apple9", "bf16", 17, 33, 1, 1, head_dim=16, batch=2, scale=0.01, mask="additive"),
-    # 1/sqrt(D): the kernels every other engine test runs (scale None) are these
-    Case("apple9", "fp32", 17, 33, 1, 1, head_dim=16, batch=1, scale=0.25, causal=True),
+    # 1/sqrt(D) (scale None), as test_engine_execute.py's first case: its kernels, compiled once
+    Case("apple9", "fp32", 33, 31, 2, 2, head_dim=8, batch=1),
 ]
+PIN = Case("apple9", "fp32", 33, 31, 1, 1, head_dim=8, batch=1, scale=4.0)  # MATRIX[0]
+
+
+def pin(kernel, source):
+    """The pin's exclusion divisor back in a scale-4 kernel's source."""
+    return source.replace("(0.875 / 5.770780)", "(0.875 / 1.442695)")
 
 
 @pytest.fixture(scope="module")
 def engine():
+    """The engine built and the matrix's kernels compiled on every core first."""
     with engine_required():
         build.build()
+        from engine import metal
+    kernels = {}
+    for case in MATRIX + [PIN]:
+        record = encode.encode(case.call())
+        for dispatch in record.dispatches:
+            pipeline = record.raw["pipelines"][dispatch["pipeline"]]
+            source = record.raw["libraries"][pipeline["library"]]["source"]
+            kernels[(source, pipeline["function"])] = None
+            if case is PIN:
+                kernels[(pin(None, source), pipeline["function"])] = None
+
+    def compile_quietly(kernel):  # a source that does not compile fails its own test
+        try:
+            metal.load_kernel(*kernel)
+        except metal.MetalSyntaxError:
+            pass
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        list(pool.map(compile_quietly, kernels))
 
 
 def misses(execution, call, inputs) -> dict:
@@ -102,20 +130,12 @@ def test_default_scale_kernels_are_the_pins(engine):
 
 
 def test_the_pins_exclusion_overflows_at_scale_4(engine):
-    """The same causal kernels with the pin's divisor: every one multiplies its excluded
-    scores into -inf (an overflow), which the test above would fail."""
-    call = MATRIX[1].call()
-
-    def pin(kernel, source):
-        assert kernel.startswith("cast") or "(0.875 / 5.770780)" in source
-        return source.replace("(0.875 / 5.770780)", "(0.875 / 1.442695)")
-
-    execution, _ = run(call, edit=pin)
-    assert {k for k, raised in execution.float_exceptions.items() if "overflow" in raised} == {
-        "attention_forward",
-        "attention_backward_query",
-        "attention_backward_key_value",
-    }
+    """The forward of the edge-block case with the pin's divisor multiplies its excluded
+    scores into -inf (an overflow), which the test above would fail. (Causal kernels do so in
+    all three kernels; measured, not run here: each edited source costs a compile.)"""
+    execution, _ = run(PIN.call(), edit=lambda kernel, source: pin(kernel, source))
+    assert "(0.875 / 5.770780)" in encode.encode(PIN.call()).kernels()[0].source
+    assert {k for k, raised in execution.float_exceptions.items() if "overflow" in raised} == {"attention_forward"}
 
 
 SERVED = (2.0**-32, 0.01, 1.0, 4.0, 2.0**32)
@@ -144,8 +164,16 @@ def test_cli_refuses_scale_0_with_exit_2(engine):
     assert result.stderr.startswith("mfa_engine: refused: scale 0.0 outside"), result.stderr
 
 
-def test_cli_run_takes_scale(engine):
-    args = ["run", "--dtype", "fp32", "--q-len", "33", "--kv-len", "31", "--head-dim", "8", "--scale", "4", "--grad"]
-    result = subprocess.run([sys.executable, "-W", "ignore::UserWarning", str(CLI), *args], capture_output=True, text=True, timeout=300)
-    line = json.loads(result.stdout)
-    assert result.returncode == 0 and line["ok"], line
+def test_cli_run_and_source_take_scale(engine, capsys, monkeypatch):
+    """In this process (the CLI's main; a fresh one costs seconds): run at scale 4 on
+    MATRIX[0]'s kernels, and source at 4 emits them."""
+    import mfa_engine
+
+    monkeypatch.setattr(mfa_engine.faulthandler, "enable", lambda: None)  # captured stderr has no fd
+
+    args = ["--dtype", "fp32", "--q-len", "33", "--kv-len", "31", "--head-dim", "8", "--scale", "4", "--grad"]
+    assert mfa_engine.main(["run", *args]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert line["ok"], line
+    assert mfa_engine.main(["source", *args]) == 0
+    assert "(0.875 / 5.770780)" in capsys.readouterr().out
