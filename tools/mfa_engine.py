@@ -22,7 +22,8 @@ Metal would reject). ccv comes from MFA_CCV_SOURCE or ../shared/ccv/ (tools/engi
 executes everything the call encodes on the CPU (tools/engine/execute.py) on random inputs
 and compares out, LSE (and with --grad dQ, dK, dV) with PyTorch's math SDPA in float64;
 prints one JSON line {"ok", "max_abs", "max_rel", "used" (share of the tolerance), "tolerance",
-"mma" (8x8 multiply-accumulates per kernel), "seconds"}. Exit 0 within tolerance; 1 not: a
+"mma" (8x8 multiply-accumulates per kernel), "float_exceptions" (per kernel, the float
+exceptions its threads raised: invalid, divide_by_zero, overflow), "seconds"}. Exit 0 within tolerance; 1 not: a
 value no kernel wrote (NaN, max_abs null) or a kernel fault (a guard page hit, divergence,
 a missing binding: "error" instead of the figures); 2 refused; 3 engine failure.
 

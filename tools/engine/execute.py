@@ -435,6 +435,7 @@ def run(
         "used": _finite(comparison.used),
         "tolerance": {name: {"atol": a, "rtol": r} for name, (a, r) in comparison.tolerance.items()},
         "mma": execution.mma,
+        "float_exceptions": execution.float_exceptions,
         "seconds": round(time.perf_counter() - started, 3),
     }
 
