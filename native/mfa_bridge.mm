@@ -27,7 +27,11 @@
 #include <string>
 #include <tuple>
 
+#include <sys/sysctl.h>
+
 #include "mfa_params.hpp"
+#include "mfa_platform.hpp"
+#include "mfa_scratch.hpp"
 
 namespace {
 
@@ -36,6 +40,7 @@ namespace {
 // thread: every use of it happens under this lock.
 std::mutex g_mutex;
 ccv_nnc_mfa_context_t* g_context = nullptr;
+bool g_async_copies = false;  // the probe's decision for g_context
 
 // The message of whatever `call` throws, or "" if it returns. Objects ccv autoreleases are
 // freed in the pool here: a Python thread has no pool of its own.
@@ -72,10 +77,6 @@ void on_stream(at::mps::MPSStream* stream, const char* what, F&& body) {
   TORCH_CHECK(failure.empty(), "metal_flash_sdpa: ", what, " failed: ", failure);
 }
 
-int macos_major_version() {
-  return int([[NSProcessInfo processInfo] operatingSystemVersion].majorVersion);
-}
-
 ccv_nnc_mfa_context_t* context_locked() {
   if (g_context == nullptr) {
     id<MTLDevice> device = at::mps::MPSDevice::getInstance()->device();
@@ -83,13 +84,24 @@ ccv_nnc_mfa_context_t* context_locked() {
     ccv_nnc_mfa_context_t* context = nullptr;
     ccv_call("creating the MFA context", [&] {
       context = ccv_nnc_init_mfa_context((__bridge MTL::Device*)device);
-      // Once, before any kernel is generated: macOS 26 rejects the `__asm` async-copy
-      // declarations in runtime-compiled source.
-      ccv_nnc_mfa_set_async_copies(context, mfa_sdpa::async_copies_for_macos(macos_major_version()));
+      // Once, before any kernel is generated: async copies only if this Mac's compiler
+      // takes them (macOS 26 rejects their `__asm` declarations in runtime-compiled source).
+      g_async_copies = mfa_sdpa::configure_copies(context, (__bridge MTL::Device*)device);
     });
     g_context = context;
   }
   return g_context;
+}
+
+// The macOS major version (16.x read as 26: mfa_platform.hpp), read once: it cannot change
+// while the process runs.
+long macos_major_once() {
+  static const long major = [] {
+    @autoreleasepool {
+      return mfa_sdpa::macos().major;
+    }
+  }();
+  return major;
 }
 
 // ccv's v2 shader cache keeps one pipeline per (R, C, batch, strides, ...) for ever: the
@@ -120,11 +132,11 @@ void admit_pipeline_shape(ccv_nnc_mfa_context_t* context, at::mps::MPSStream* st
 }
 
 // ccv's request_scratch replaces its one scratch buffer (releasing the old one) when a call
-// needs more, maybe while a command buffer not yet completed still uses the old one.
-// PyTorch's command buffers appear to retain what they bind (MPSAllocator treats a buffer
-// with retainCount > 1 as in use by the GPU) but MPSCommandBuffer does not document it, so
-// the replaced buffer is held until the current command buffer completes; buffers of one
-// queue complete in order, so every earlier user of it is done by then.
+// needs more, while a command buffer not yet completed may still bind the old one (a
+// forward and its backward in one of PyTorch's command buffers: mfa_scratch.hpp). Whether
+// PyTorch's command buffers retain what they bind is not documented, so the replaced
+// buffer is held until the current command buffer completes; buffers of one queue
+// complete in order, so every earlier user of it is done by then.
 void keep_until_completed(at::mps::MPSStream* stream, id<MTLBuffer> replaced) {
   [stream->commandBuffer() addCompletedHandler:^(id<MTLCommandBuffer>) {
     (void)replaced;
@@ -154,6 +166,8 @@ struct Bindings {
 // Nothing is committed here: PyTorch commits the command buffer when its own ops would.
 void encode(const mfa_sdpa::Shape& s, mfa_sdpa::DType dtype, float scale, bool backward, bool causal,
             const std::optional<mfa_sdpa::MaskStrides>& mask, Bindings& bindings) {
+  const std::string bad_scale = mfa_sdpa::check_scale(scale);
+  TORCH_CHECK(bad_scale.empty(), "metal_flash_sdpa: MFA refuses this call: ", bad_scale);
   const ccv_nnc_mfa_attention_params_t params =
       mfa_sdpa::make_params(s, dtype, scale, backward, causal, mask ? &*mask : nullptr);
   std::lock_guard<std::mutex> lock(g_mutex);
@@ -166,15 +180,16 @@ void encode(const mfa_sdpa::Shape& s, mfa_sdpa::DType dtype, float scale, bool b
   const mfa_sdpa::MaskStrides& m = mask ? *mask : no_mask;
   admit_pipeline_shape(context, stream,
                        {s.B, s.R, s.C, s.Hq, s.Hk, s.D, int(dtype), backward, scale, causal, m.batch, m.head, m.row});
+  // Held from before prepare, which grows the scratch (as the engine's driver does).
+  const mfa_sdpa::ScratchKeeper scratch(context);
   ccv_call("building the MFA kernels", [&] { ccv_nnc_mfa_prepare_attention(context, params); });
   on_stream(stream, "encoding the MFA kernels", [&] {
     id<MTLComputeCommandEncoder> encoder = stream->commandEncoder();
     // The command buffer is PyTorch's: ccv only encodes into the borrowed encoder.
     MTL::CommandBatch batch(nullptr, (__bridge MTL::ComputeCommandEncoder*)encoder);
-    id<MTLBuffer> scratch = (__bridge id<MTLBuffer>)context->scratch.get();
     ccv_nnc_mfa_encode_attention(context, params, &batch, bindings.buffers, bindings.offsets);
-    if ((__bridge void*)scratch != (void*)context->scratch.get()) {
-      keep_until_completed(stream, scratch);
+    if (NS::SharedPtr<MTL::Buffer> replaced = scratch.replaced()) {
+      keep_until_completed(stream, (__bridge id<MTLBuffer>)replaced.get());
     }
   });
 }
@@ -243,6 +258,8 @@ mfa_sdpa::Shape check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Te
   check_shape(k, "k", {s.B, s.C, s.Hk, s.D});
   check_shape(v, "v", {s.B, s.C, s.Hk, s.D});
   strides = check_mask(mask, q, s);
+  const std::string too_old = mfa_sdpa::check_macos(macos_major_once());
+  TORCH_CHECK(too_old.empty(), "metal_flash_sdpa: MFA refuses this call: ", too_old);
   const std::string refused = mfa_sdpa::check_limits(s, dtype_of(dtype), backward, strides ? &*strides : nullptr);
   TORCH_CHECK(refused.empty(), "metal_flash_sdpa: MFA refuses this call: ", refused);
   return s;
@@ -317,6 +334,38 @@ bool device_supported() {
   return ccv_nnc_mfa_context_supported(context_locked()) != 0;
 }
 
+// The OS build, as `sw_vers -buildVersion` prints it ("24F74"); "" if unreadable.
+std::string macos_build() {
+  char build[64] = {};
+  size_t size = sizeof build - 1;
+  return sysctlbyname("kern.osversion", build, &size, nullptr, 0) == 0 ? std::string(build) : std::string();
+}
+
+// What results on this machine depend on, for the first-use self-check's verdicts and for
+// bug reports: the GPU, the OS as NSProcessInfo reports it and its build, the probe's
+// copy mode and the Metal language the kernels compile as. Creates ccv's context.
+py::dict device_info() {
+  std::string gpu, version;
+  bool async_copies = false;
+  {
+    py::gil_scoped_release release;
+    std::lock_guard<std::mutex> lock(g_mutex);
+    ccv_nnc_mfa_context_t* context = context_locked();
+    ccv_call("reading the platform", [&] {
+      gpu = context->device->name()->utf8String();
+      version = mfa_sdpa::macos().reported;
+    });
+    async_copies = g_async_copies;
+  }
+  py::dict info;
+  info["gpu"] = gpu;
+  info["macos_version"] = version;
+  info["macos_build"] = macos_build();
+  info["async_copies"] = async_copies;
+  info["metal_language"] = mfa_sdpa::metal_language();
+  return info;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Metal FlashAttention (ccv MFA v2) encoded on PyTorch's MPS stream";
   m.def("attention_forward", &attention_forward,
@@ -330,5 +379,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("scale"), py::arg("causal"),
         py::arg("mask") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("device_supported", &device_supported, py::call_guard<py::gil_scoped_release>());
+  m.def("device_info", &device_info,
+        "{gpu, macos_version (NSProcessInfo's), macos_build, async_copies (the probe's decision), metal_language}");
+  m.def("macos_major", &macos_major_once, "macOS major version; NSProcessInfo's compatibility reading 16 as 26",
+        py::call_guard<py::gil_scoped_release>());
   m.attr("CCV_COMMIT") = "85efcf823fdb459559f21726703b863da2b378f2";
 }

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <string>
 
@@ -74,6 +75,21 @@ inline std::uint64_t scratch_bytes(const Shape& s, DType dtype, bool backward) {
   return (is_half(dtype) ? 4 * (R * H + 2 * C * Hk) * D * B : 0) + 4 * R * H * B;
 }
 
+// The scales the kernels serve (our patch 0010): an unmasked kernel's excluded keys score
+// -0.875 * FLT_MAX * min(scale, 1) after scaling, finite for every positive scale and far
+// below real scores within this range; a scale <= 0 breaks the online softmax's running
+// maximum (taken before scaling). Mirrors MFAKernel.supports().
+constexpr double kMinScale = 0x1p-32, kMaxScale = 0x1p32;
+
+// Empty when the kernels serve `scale` (as ccv receives it: a float), else why not.
+inline std::string check_scale(float scale) {
+  if (scale >= kMinScale && scale <= kMaxScale) return "";  // false for NaN
+  char text[160];
+  std::snprintf(text, sizeof text, "scale %.9g is outside the scales MFA serves (2^-32 to 2^32; <= 0 and non-finite never)",
+                double(scale));
+  return text;
+}
+
 // Empty when the pinned ccv computes this call correctly, else why not. Mirrors
 // MFAKernel.supports(); re-checked here because a wrong answer would be silent.
 inline std::string check_limits(const Shape& s, DType dtype, bool backward, const MaskStrides* mask = nullptr) {
@@ -124,10 +140,5 @@ inline ccv_nnc_mfa_attention_params_t make_params(const Shape& s, DType dtype, f
   if (s.B > 1) p.batch_dims_q[0] = std::uint32_t(s.B);
   return p;
 }
-
-// Whether ccv's v2 kernels may use the simdgroup async-copy intrinsics: macOS 26 rejects
-// the `__asm` declarations they need in runtime-compiled source, so from 26 on they copy
-// with plain SIMD-group loads and stores (ccv_nnc_mfa_set_async_copies, our patch 0004).
-inline bool async_copies_for_macos(int macos_major) { return macos_major < 26; }
 
 }  // namespace mfa_sdpa

@@ -30,7 +30,7 @@ STUBS = REPO / "tools" / "bridge_stubs"
 
 @pytest.fixture(scope="module")
 def check(tmp_path_factory):
-    """check(bridge) -> clang's result for that copy of the bridge (beside mfa_params.hpp)."""
+    """check(bridge) -> clang's result for that copy of the bridge (beside native/*.hpp)."""
     if sys.platform == "darwin":
         pytest.skip("on macOS the Meson build compiles the bridge against the real SDK")
     with engine_required("the bridge's syntax check"):
@@ -86,7 +86,8 @@ def test_planted_errors_fail(check, tmp_path):
         assert source.count(right) == 1, f"{what}: {right!r} is no longer in the bridge once"
         source = source.replace(right, wrong)
     lines = {what: source[: source.index(at or wrong)].count("\n") + 1 for what, _, wrong, at in PLANTED}
-    shutil.copy(NATIVE / "mfa_params.hpp", tmp_path)
+    for header in NATIVE.glob("*.hpp"):
+        shutil.copy(header, tmp_path)
     planted = tmp_path / "mfa_bridge.mm"
     planted.write_text(source)
     result = check(planted)

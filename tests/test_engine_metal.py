@@ -11,6 +11,7 @@ MFA_ENGINE_REQUIRED=1.
 
 import ctypes
 import mmap
+import struct
 
 import pytest
 import torch
@@ -119,6 +120,31 @@ def test_declared_bindings_are_required(metal):
         b.zero_()
         kernel.run((4, 1, 1), (32, 1, 1), {0: a.data_ptr(), 1: b.data_ptr()}, {0: u32(n)}, {})
         assert torch.equal(b[:n], (a[:n] + 1).half()) and not b[n:].any()
+
+
+SCALE = """
+#include <metal_stdlib>
+using namespace metal;
+constant float factor [[function_constant(0)]];
+kernel void scale(device const float* a [[buffer(0)]], device float* b [[buffer(1)]],
+                  ushort i [[thread_index_in_threadgroup]]) {
+  float x = a[i] * factor;
+  threadgroup_barrier(mem_flags::mem_none);
+  b[i] = x;
+}
+"""
+
+
+def test_float_exceptions_of_any_thread_are_reported(metal):
+    """A launch reports the overflow one thread of one threadgroup raised, however many
+    switches between threads came after it; a launch without one reports none."""
+    kernel = metal.load_kernel(SCALE, "scale")
+    a, b = torch.ones(64), torch.zeros(64)
+    a[45] = 1e30
+    for factor, expected in ((2.0, []), (1e10, ["overflow"])):
+        stats = kernel.run((1, 1, 1), (64, 1, 1), {0: a.data_ptr(), 1: b.data_ptr()}, {0: struct.pack("<f", factor)}, {})
+        assert metal.float_exceptions(stats["float_exceptions"]) == expected, factor
+        assert torch.equal(b, a * factor)
 
 
 EXCHANGE = """

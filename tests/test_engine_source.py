@@ -277,12 +277,81 @@ def launches(raw: dict) -> list:
     return out
 
 
-def test_no_async_copies_mode_is_chosen_from_the_macos_version(driver):
-    for macos, asm in ((15, True), (25, True), (26, False), (27, False)):
-        code, result = run_driver(driver, call("fp32", "apple9", macos, 64, grad=False))
-        assert code == 0, result
-        sources = [library["source"] for library in result["libraries"] if not library["precompiled"]]
-        assert sources and all(("__asm" in source) == asm for source in sources), f"macOS {macos}"
+@pytest.mark.parametrize(
+    "macos,os_reports,asm",
+    [
+        (15, None, True),
+        (25, None, True),
+        (26, None, False),
+        (27, None, False),
+        # macOS 26 as a process linked against an older SDK sees it: the version says 16,
+        # the probe says no (a version rule would have picked the async copies)
+        (26, "16.0.0", False),
+        # a version that says 26 decides nothing either: the compiler takes them here
+        (15, "26.0.0", True),
+    ],
+)
+def test_copy_mode_is_chosen_by_the_probe(driver, macos, os_reports, asm):
+    extra = ("--os-reports", os_reports) if os_reports else ()
+    code, result = run_driver(driver, call("fp32", "apple9", macos, 64, grad=False), *extra)
+    assert code == 0, result
+    sources = [library["source"] for library in result["libraries"] if not library["precompiled"]]
+    assert sources and all(("__asm" in source) == asm for source in sources), f"macOS {macos}"
+    reported = os_reports or f"{macos}.0.0"
+    major = 26 if reported.startswith("16.") else int(reported.split(".")[0])
+    platform = {"macos_version": reported, "macos_major": major, "async_copies": asm, "metal_language": "3.1"}
+    assert result["platform"] == platform
+
+
+def test_compile_options_of_every_library(records):
+    """Every library ccv compiles (and the probe) is created with explicit options, Metal 3.1
+    and fast math (patch 0009), not the process's defaults."""
+    for key, record in records.items():
+        for library in record.raw["libraries"]:
+            if not library["precompiled"]:
+                assert library["options"] == {"language": "3.1", "fast_math": True}, key
+
+
+@pytest.mark.parametrize("language,dtype,compiles", [("3.1", "bf16", True), ("3.0", "bf16", False), ("none", "bf16", False), ("3.0", "fp16", True)])
+def test_stand_in_compiler_rejects_bfloat_below_3_1(driver, tmp_path, language, dtype, compiles):
+    """The recording compiler's rule, both ways: a bf16 kernel's source (it declares bfloat)
+    compiles as Metal 3.1 and fails below it, or with no options (the process's default,
+    modelled as 3.0); an fp16 source compiles at 3.0."""
+    kernel = encode.encode(call(dtype, "apple9", 26, 64, q_len=9, kv_len=9, grad=False), check_refusal=False).kernels()[0]
+    assert ("bfloat" in kernel.source) == (dtype == "bf16")
+    path = tmp_path / "kernel.metal"
+    path.write_text(kernel.source)
+    result = subprocess.run([str(driver), "--compile-source", str(path), "--language", language], capture_output=True, text=True, timeout=60)
+    if compiles:
+        assert result.returncode == 0 and json.loads(result.stdout) == {"compiled": True}, result
+    else:
+        assert result.returncode == 3 and "unknown type name 'bfloat'" in json.loads(result.stdout)["error"], result
+
+
+def test_probe_source_passes_the_syntax_check():
+    """The probe declares and calls one of ccv's async copies as its kernels do: a source
+    the Metal syntax check takes, so that only a compiler refusing `__asm` refuses it."""
+    check = _syntax_check()
+    text = (REPO / "native" / "mfa_platform.hpp").read_text()
+    source = re.search(r'kAsyncCopyProbeSource = R"\((.*?)\)";', text, flags=re.S).group(1)
+    assert "__asm(\"air.simdgroup_async_copy" in source and "kernel void mfa_sdpa_async_copy_probe(" in source
+    check(source)
+
+
+def test_scratch_outlives_the_command_buffer_that_binds_it(driver):
+    """fp16 MQA 32:1, 4096 tokens, D=128, forward then backward in one command buffer: the
+    backward grows ccv's scratch 64 KiB -> 64 MiB -> 128 MiB while the forward's dispatches,
+    not yet completed, bind the 64 MiB one. Kept as the bridge keeps it (mfa_scratch.hpp),
+    nothing they bind is released before the command buffer completes; without the keep
+    (the bridge before), the stand-in device catches the release and the run fails."""
+    the_call = encode.Call(dtype="fp16", heads=32, kv_heads=1, q_len=4096, kv_len=4096, head_dim=128, grad=True)
+    assert "--same-command-buffer" in the_call.driver_args()  # every engine run with grad
+    code, result = run_driver(driver, the_call)
+    assert code == 0, result
+    assert [b["length"] for b in result["buffers"] if b["name"] == "scratch"] == [64 << 10, 64 << 20, 128 << 20]
+    code, result = run_driver(driver, the_call, "--no-keep-scratch")
+    assert code == 3, result
+    assert "scratch, 67108864 bytes) was released while a dispatch" in result["error"], result
 
 
 def cli(*args, env=None):
@@ -298,7 +367,20 @@ def test_cli_prints_every_kernel(driver):
     assert code == 0, err
     names = re.findall(r"^// kernel: (\S+)$", out, flags=re.M)
     assert names == ATTENTION[:1] + ["cast_float_to_half"] + ATTENTION[1:]
+    options = re.findall(r"^// kernel: \S+\n(.*)$", out, flags=re.M)
+    assert options == ["// options: language=3.1 fast_math=on"] * len(names)
     assert "__asm" not in out  # the CLI's default is macOS 26
+
+
+@pytest.mark.parametrize("macos,os_reports,asm", [("26", "16", False), ("15", None, True)])
+def test_cli_copy_mode_follows_the_compiler_not_the_reported_version(driver, capsys, macos, os_reports, asm):
+    import mfa_engine  # its main in this process: a fresh one costs seconds
+
+    extra = ("--os-reports", os_reports) if os_reports else ()
+    args = ("source", "--dtype", "fp16", "--q-len", "9", "--kv-len", "9", "--head-dim", "64", "--macos", macos, *extra)
+    assert mfa_engine.main(list(args)) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^// kernel: attention_forward$", out, flags=re.M) and ("__asm" in out) == asm
 
 
 def test_cli_refuses_with_exit_2_and_one_line(driver):

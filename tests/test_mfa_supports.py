@@ -58,6 +58,9 @@ ACCEPTED = {
     "bool mask with grad": call(mask="bool", needs_grad=True),
     "per-head mask with grad, gqa": call(mask="additive", mask_per_head=True, kv_heads=2, needs_grad=True),
     "mask bf16 cross attention": call(mask="bool", dtype=torch.bfloat16, q_len=300, kv_len=1000, needs_grad=True),
+    "scale 4, causal": call(scale=4.0, causal=True, needs_grad=True),
+    "scale 2**-32": call(scale=2.0**-32),
+    "scale 2**32, mask": call(scale=2.0**32, mask="additive"),
 }
 
 REFUSED = {
@@ -70,6 +73,12 @@ REFUSED = {
     "empty keys": (call(kv_len=0), "empty"),
     "too many heads": (call(q_heads=70000, kv_heads=70000, q_len=1, kv_len=1), "16-bit leading dimension"),
     "scratch too large": (call(q_len=65536, kv_len=65536, q_heads=32, kv_heads=32, head_dim=128, value_dim=128), "scratch"),
+    # patch 0010: positive finite scales from 2**-32 to 2**32 (tests/test_engine_scale.py)
+    "scale 0": (call(scale=0.0), "scale 0.0 outside"),
+    "negative scale": (call(scale=-0.125), "scale -0.125 outside"),
+    "nan scale": (call(scale=float("nan")), "scale nan outside"),
+    "infinite scale": (call(scale=float("inf")), "scale inf outside"),
+    "scale too large": (call(scale=2.0**33), "2**-32 to 2**32"),
 }
 
 
@@ -212,3 +221,30 @@ def test_module_imports_without_native_extension():
     assert mfa.NATIVE_MODULE == "metal_flash_sdpa._mfa_native"
     if sys.platform != "darwin":
         assert mfa._native is None
+
+
+def test_needs_macos_14_as_the_bridge_reports_it():
+    """The kernels compile as Metal 3.1 (patch 0009; bfloat16 needs it): below macOS 14 every
+    call is refused, bf16 included, with the reason; unknown (no bridge yet) decides nothing."""
+    assert MFAKernel().macos_major is None and MFAKernel().supports(ACCEPTED["bf16"]) is None
+    for major, refused in ((13, True), (14, False), (15, False), (26, False)):
+        kernel = MFAKernel()
+        kernel.macos_major = major
+        for the_call in (ACCEPTED["bf16"], ACCEPTED["fp32"]):
+            reason = kernel.supports(the_call)
+            if refused:
+                assert "Metal 3.1" in reason and "macOS 14" in reason and "macOS 13" in reason, reason
+            else:
+                assert reason is None, (major, reason)
+
+
+@pytest.mark.parametrize("macos,os_reports,refused", [(13, None, True), (14, None, False), (26, "16.0.0", False)])
+def test_bridge_macos_check_agrees(engine, macos, os_reports, refused):
+    """The driver, as the bridge, refuses below macOS 14 by what NSProcessInfo reports, 16.x
+    read as 26, before ccv compiles anything."""
+    the_call = engine.Call(dtype="bf16", q_len=9, kv_len=9, head_dim=64, macos=macos, os_reports=os_reports)
+    if refused:
+        with pytest.raises(engine.Refused, match="needs macOS 14; this is macOS 13"):
+            engine.encode(the_call, check_refusal=False)
+    else:
+        assert engine.encode(the_call, check_refusal=False).raw["platform"]["macos_major"] == (26 if os_reports else macos)

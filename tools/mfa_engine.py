@@ -4,9 +4,15 @@
   python tools/mfa_engine.py source --dtype {fp32,fp16,bf16} --batch B --heads H
       --kv-heads HK --q-len R --kv-len C --head-dim D [--causal] [--mask {none,bool,additive}]
       [--mask-shape {LS,B1LS,BHLS,B11S}] [--grad] [--gpu {apple7,apple9}] [--macos N]
+      [--os-reports V] [--scale S]
 
 prints the Metal source of every kernel the call launches (forward; with --grad the backward
-too), each after a line `// kernel: NAME`. Exit 0; 2 when MFAKernel.supports() refuses the
+too), each after a line `// kernel: NAME` and a line `// options: language=X.Y fast_math=on|off`
+(the compile options of its library). --macos N models that Mac's compiler (from 26 on
+it rejects `__asm` in runtime-compiled source); --os-reports V is what its NSProcessInfo
+reports (default N; a process linked against an SDK older than macOS 26 is told 16.x
+there). The copy mode is the bridge's: a probe source with one async-copy declaration is
+compiled first, and ccv's kernels use async copies only if it compiles. Exit 0; 2 when MFAKernel.supports() refuses the
 call (the reason on stderr); 3 when the engine fails (ccv raised, or it encoded something
 Metal would reject). ccv comes from MFA_CCV_SOURCE or ../shared/ccv/ (tools/engine/build.py).
 
@@ -16,7 +22,8 @@ Metal would reject). ccv comes from MFA_CCV_SOURCE or ../shared/ccv/ (tools/engi
 executes everything the call encodes on the CPU (tools/engine/execute.py) on random inputs
 and compares out, LSE (and with --grad dQ, dK, dV) with PyTorch's math SDPA in float64;
 prints one JSON line {"ok", "max_abs", "max_rel", "used" (share of the tolerance), "tolerance",
-"mma" (8x8 multiply-accumulates per kernel), "seconds"}. Exit 0 within tolerance; 1 not: a
+"mma" (8x8 multiply-accumulates per kernel), "float_exceptions" (per kernel, the float
+exceptions its threads raised: invalid, divide_by_zero, overflow), "seconds"}. Exit 0 within tolerance; 1 not: a
 value no kernel wrote (NaN, max_abs null) or a kernel fault (a guard page hit, divergence,
 a missing binding: "error" instead of the figures); 2 refused; 3 engine failure.
 
@@ -59,7 +66,9 @@ def call_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mask-shape", choices=encode.MASK_SHAPES, default="B1LS")
     parser.add_argument("--grad", action="store_true")
     parser.add_argument("--gpu", choices=("apple7", "apple9"), default="apple9")
-    parser.add_argument("--macos", type=int, default=26)
+    parser.add_argument("--macos", type=int, default=26, help="the modelled macOS (its compiler)")
+    parser.add_argument("--os-reports", default=None, help="what NSProcessInfo reports, MAJOR[.MINOR[.PATCH]] (default: --macos)")
+    parser.add_argument("--scale", type=float, default=None, help="SDPA's scale (default 1/sqrt(head dim); 0 is refused, not defaulted)")
 
 
 def to_call(args) -> encode.Call:
@@ -69,7 +78,7 @@ def to_call(args) -> encode.Call:
 def cmd_source(args) -> int:
     record = encode.encode(to_call(args))
     for kernel in record.kernels():
-        sys.stdout.write(f"// kernel: {kernel.name}\n{kernel.source}\n")
+        sys.stdout.write(f"// kernel: {kernel.name}\n{kernel.options_line()}\n{kernel.source}\n")
     return 0
 
 

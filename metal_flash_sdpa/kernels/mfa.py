@@ -19,7 +19,13 @@ executor (``tools/engine``; ``verified_rung``):
   PyTorch), not together with ``is_causal`` (PyTorch raises for that);
 - heads x head dim under 65536 and tensors (masks included) under 2**32 elements (16-bit
   leading dimensions, 32-bit offsets: ccv would compute wrong results beyond, silently);
-- a call whose fp32 scratch would pass 1 GiB (ccv's scratch sizing breaks beyond it).
+- a call whose fp32 scratch would pass 1 GiB (ccv's scratch sizing breaks beyond it);
+- ``scale`` from 2**-32 to 2**32 (patch 0010: the keys a kernel excludes keep a finite,
+  far negative score at every served scale; <= 0 and non-finite scales are refused);
+- macOS 14 or later: the kernels compile as Metal 3.1, the first with ``bfloat`` (patch
+  0009; PyTorch's MPS backend needs macOS 14 anyway). The bridge reports the macOS
+  version when it loads (``macos_major``; NSProcessInfo's compatibility reading 16.x is
+  macOS 26).
 
 The bridge re-checks the same limits (``native/mfa_params.hpp``, ``check_limits``).
 
@@ -50,6 +56,11 @@ MAX_LEADING_DIMENSION = (1 << 16) - 1
 # The kernels offset q, k, v and the outputs by 32-bit products of element counts (batch x
 # batch stride, row x leading dimension), each below the tensor's element count.
 MAX_ELEMENTS = (1 << 32) - 1
+# The scales served (patch 0010): excluded keys (the edge block, above the causal diagonal)
+# score -0.875 * FLT_MAX * min(scale, 1) after scaling, finite for every positive scale and
+# far below any real score within this range; a scale <= 0 breaks the online softmax's
+# running maximum. native/mfa_params.hpp check_scale re-checks it.
+MIN_SCALE, MAX_SCALE = 2.0**-32, 2.0**32
 
 _native = None
 _native_error: Optional[str] = None
@@ -126,14 +137,22 @@ class MFAKernel(Kernel):
     # 4 = the emitted Metal, encoded as the bridge encodes it, executed on the CPU against
     # PyTorch (tests/test_engine_execute.py). None has run on a Mac (rung 5).
     verified_rung = {torch.float32: 4, torch.float16: 4, torch.bfloat16: 4}
+    # Every kernel compiles as Metal 3.1 (patch 0009), which macOS 14 brought.
+    min_macos_major = 14
+    # The macOS major version the bridge reports when it loads (native/mfa_platform.hpp:
+    # NSProcessInfo's 16.x, what processes linked against an older SDK are told on macOS
+    # 26, reads as 26); None until then, and off a Mac.
+    macos_major: Optional[int] = None
 
     def available(self) -> Optional[str]:
         if sys.platform != "darwin":
             return f"the MFA kernel needs macOS on Apple silicon (this is {sys.platform})"
         if platform.machine() != "arm64":
             return f"the MFA kernel needs Apple silicon (this machine is {platform.machine()})"
-        if _load_native() is None:
+        native = _load_native()
+        if native is None:
             return _native_error
+        self.macos_major = int(native.macos_major())
         if not torch.backends.mps.is_available():
             return "torch.backends.mps.is_available() is False"
         return None
@@ -142,8 +161,16 @@ class MFAKernel(Kernel):
         reason = super().supports(call)
         if reason is not None:
             return reason
+        if self.macos_major is not None and self.macos_major < self.min_macos_major:
+            return (
+                f"{self.name} compiles its kernels as Metal 3.1 (bfloat16 needs it), which needs "
+                f"macOS {self.min_macos_major}; this is macOS {self.macos_major}"
+            )
         if min(call.batch, call.q_heads, call.q_len, call.kv_len, call.head_dim) < 1:
             return f"empty attention not sent to {self.name}"
+        scale = call.softmax_scale
+        if not MIN_SCALE <= scale <= MAX_SCALE:  # False for NaN
+            return f"scale {scale!r} outside the scales {self.name} serves (2**-32 to 2**32; <= 0 and non-finite never)"
         leading = max(call.q_heads, call.kv_heads) * call.head_dim
         if leading > MAX_LEADING_DIMENSION:
             return f"heads x head dim {leading} beyond the 16-bit leading dimension of {self.name}"

@@ -158,7 +158,7 @@ def build(verbose: bool = False) -> pathlib.Path:
     compiler = clang()
     source = ccv_source()
     inputs = sorted(p for p in (ENGINE / "host").rglob("*") if p.is_file())
-    inputs += [ENGINE / name for name in OUR_SOURCES] + [ENGINE / "recorder.hpp", REPO / "native" / "mfa_params.hpp"]
+    inputs += [ENGINE / name for name in OUR_SOURCES] + [ENGINE / "recorder.hpp"] + sorted((REPO / "native").glob("*.hpp"))
     inputs += patch_series() + [WRAP, PACKAGEFILES / "ccv" / "standalone" / "nnc" / "ccv_nnc.h"]
     key = _digest(inputs, extra=(compiler, _ccv_fingerprint(source), __file__))
     cache = pathlib.Path(os.environ.get("MFA_ENGINE_CACHE", pathlib.Path.home() / ".cache" / "metal-flash-sdpa" / "engine"))

@@ -6,15 +6,29 @@
 //
 //   driver --dtype fp16 --batch B --heads H --kv-heads HK --q-len R --kv-len C --head-dim D
 //          [--grad] [--causal] [--mask-strides B,H,ROW] [--gpu apple7|apple9] [--macos N] [--scale S]
-//          [--offset BYTES]
+//          [--os-reports V] [--offset BYTES]
 //          [--async-copies auto|on|off] [--fault empty-library|nil-pipeline|no-memory]
-//          [--no-prepare]
+//          [--no-prepare] [--same-command-buffer] [--no-keep-scratch]
+//   driver --compile-source FILE [--language X.Y|none] [--macos N]
 //
-// --async-copies: whether ccv's kernels use the async-copy intrinsics; auto decides from
-// --macos as the bridge does. --fault no-memory: buffers beyond ccv's initial 64 KiB
+// --compile-source: only compile FILE's Metal source on the modelled compiler, with the
+// language version given (none: no compile options), and print {"compiled": true} or
+// (exit 3) {"error": ...}: the stand-in compiler's own rules, tested apart.
+// --macos N: the modelled Mac's compiler (from 26 on it rejects `__asm` in source);
+// --os-reports V: what its NSProcessInfo reports (MAJOR[.MINOR[.PATCH]], default N), as a
+// process linked against an older SDK is told 16.x on macOS 26.
+// --async-copies: whether ccv's kernels use the async-copy intrinsics; auto decides by the
+// bridge's probe (native/mfa_platform.hpp). --fault no-memory: buffers beyond ccv's initial 64 KiB
 // scratch cannot be allocated. --no-prepare: encode without preparing first, as ccv's own
 // callers may: the encode then builds and allocates for itself, so its own failure paths
 // (inside a command) run.
+//
+// --same-command-buffer: the forward and the backward go into one command buffer, which
+// completes only after both (as PyTorch's stream may commit them together); by default
+// each completes after its encode. The stand-in device records every release of a buffer
+// that a dispatch of a command buffer not yet completed binds, and the run fails (exit 3).
+// The bridge keeps the scratch ccv replaces during a call until the command buffer
+// completes (native/mfa_scratch.hpp); --no-keep-scratch does not, as the bridge did before.
 //
 // --mask-strides: an additive attention mask in the call's dtype, with these strides in
 // elements (batch, query head, query row; 0 where it broadcasts), in a buffer "mask" of
@@ -30,8 +44,11 @@
 #include <set>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "../../native/mfa_params.hpp"
+#include "../../native/mfa_platform.hpp"
+#include "../../native/mfa_scratch.hpp"
 #include "recorder.hpp"
 
 namespace {
@@ -43,10 +60,14 @@ struct Options {
   bool causal = false;  // torch's is_causal (top-left)
   bool masked = false;
   mfa_sdpa::MaskStrides mask{0, 0, 0};
-  double scale = 0;  // 0: 1/sqrt(D), as SDPA's default
+  double scale = NAN;  // unset: 1/sqrt(D), as SDPA's default (0 is 0: refused)
   std::uint64_t offset = 0;
   std::string async_copies = "auto";  // auto, on, off
   bool prepare = true;
+  bool same_command_buffer = false;
+  bool keep_scratch = true;
+  std::string compile_source;      // --compile-source FILE
+  std::string language = "none";  // with it: X.Y or none
 };
 
 // The scratch buffer ccv's context allocates when it is created.
@@ -60,6 +81,8 @@ constexpr std::uint64_t kInitialScratchBytes = 65536;
 Options parse(int argc, char** argv) {
   Options o;
   bool kv_heads_given = false;
+  bool os_reports_given = false;
+  bool scale_given = false;
   auto& device = mfa_engine::record().device;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -75,6 +98,14 @@ Options parse(int argc, char** argv) {
         usage("--mask-strides takes B,H,ROW");
     } else if (a == "--grad") {
       o.grad = true;
+    } else if (a == "--compile-source") {
+      o.compile_source = value();
+    } else if (a == "--language") {
+      o.language = value();
+    } else if (a == "--same-command-buffer") {
+      o.same_command_buffer = true;
+    } else if (a == "--no-keep-scratch") {
+      o.keep_scratch = false;
     } else if (a == "--no-prepare") {
       o.prepare = false;
     } else if (a == "--dtype") {
@@ -97,7 +128,8 @@ Options parse(int argc, char** argv) {
     } else if (a == "--head-dim") {
       o.shape.D = std::atoll(value().c_str());
     } else if (a == "--scale") {
-      o.scale = std::atof(value().c_str());
+      o.scale = std::strtod(value().c_str(), nullptr);
+      scale_given = true;
     } else if (a == "--offset") {
       o.offset = std::strtoull(value().c_str(), nullptr, 10);
     } else if (a == "--gpu") {
@@ -107,6 +139,11 @@ Options parse(int argc, char** argv) {
       else usage("unknown gpu " + v);
     } else if (a == "--macos") {
       device.macos = std::atoi(value().c_str());
+    } else if (a == "--os-reports") {
+      long* v = device.os_reports;
+      v[1] = v[2] = 0;
+      if (std::sscanf(value().c_str(), "%ld.%ld.%ld", &v[0], &v[1], &v[2]) < 1) usage("--os-reports takes MAJOR[.MINOR[.PATCH]]");
+      os_reports_given = true;
     } else if (a == "--async-copies") {
       o.async_copies = value();
       if (o.async_copies != "auto" && o.async_copies != "on" && o.async_copies != "off")
@@ -121,7 +158,11 @@ Options parse(int argc, char** argv) {
   }
   if (!kv_heads_given) o.shape.Hk = o.shape.Hq;
   device.reject_asm = device.macos >= 26;
-  if (o.scale == 0) o.scale = 1.0 / std::sqrt(double(o.shape.D));
+  if (!os_reports_given) {
+    device.os_reports[0] = device.macos;
+    device.os_reports[1] = device.os_reports[2] = 0;
+  }
+  if (std::isnan(o.scale) && !scale_given) o.scale = 1.0 / std::sqrt(double(o.shape.D));
   return o;
 }
 
@@ -190,7 +231,19 @@ void check_recovery(const Call& call, const std::exception& raised) {
   throw std::runtime_error("the same call then succeeded" + context);
 }
 
-void encode(bool prepare, ccv_nnc_mfa_context_t* context, const ccv_nnc_mfa_attention_params_t& params, Tensor* tensors, int count) {
+// The command buffer being encoded: what the bridge holds until it completes.
+struct CommandBuffer {
+  bool keep_scratch;
+  std::vector<NS::SharedPtr<MTL::Buffer>> kept;
+
+  void complete() {
+    mfa_engine::complete_command_buffer();
+    kept.clear();  // the bridge's completed handler lets them go
+  }
+};
+
+void encode(bool prepare, ccv_nnc_mfa_context_t* context, const ccv_nnc_mfa_attention_params_t& params, Tensor* tensors,
+            int count, CommandBuffer& command_buffer) {
   MTL::Buffer* buffers[mfa_sdpa::kBackwardBuffers] = {};
   std::size_t offsets[mfa_sdpa::kBackwardBuffers] = {};
   for (int i = 0; i < count; ++i) {
@@ -200,27 +253,67 @@ void encode(bool prepare, ccv_nnc_mfa_context_t* context, const ccv_nnc_mfa_atte
   MTL::ComputeCommandEncoder encoder;
   MTL::CommandBatch batch(nullptr, &encoder);  // the bridge's borrowed-encoder batch
   const Call call{prepare, context, params, &batch, buffers, offsets};
+  const mfa_sdpa::ScratchKeeper scratch(context);  // as the bridge: before prepare
   try {
     prepare_and_encode(call);
   } catch (const std::exception& raised) {
     check_recovery(call, raised);
     throw;
   }
+  if (NS::SharedPtr<MTL::Buffer> replaced = scratch.replaced(); replaced && command_buffer.keep_scratch)
+    command_buffer.kept.push_back(replaced);
+}
+
+// --compile-source: one newLibrary on the modelled compiler.
+int compile_only(const Options& o) {
+  std::FILE* file = std::fopen(o.compile_source.c_str(), "rb");
+  if (!file) usage("cannot read " + o.compile_source);
+  std::string source;
+  char chunk[4096];
+  for (std::size_t n; (n = std::fread(chunk, 1, sizeof chunk, file)) > 0;) source.append(chunk, n);
+  std::fclose(file);
+  MTL::Device device;
+  NS::SharedPtr<MTL::CompileOptions> options;
+  if (o.language != "none") {
+    unsigned major = 0, minor = 0;
+    if (std::sscanf(o.language.c_str(), "%u.%u", &major, &minor) != 2) usage("--language takes X.Y or none");
+    options = NS::TransferPtr(MTL::CompileOptions::alloc()->init());
+    options->setLanguageVersion(MTL::LanguageVersion((major << 16) + minor));
+  }
+  NS::Error* error = nullptr;
+  MTL::Library* library = device.newLibrary(new NS::String(source), options.get(), &error);
+  if (!library) throw std::runtime_error(error ? error->localizedDescription()->value : "no library and no error");
+  std::printf("{\"compiled\": true}\n");
+  return 0;
 }
 
 int run(const Options& o) {
+  if (!o.compile_source.empty()) return compile_only(o);
   const auto& s = o.shape;
   const mfa_sdpa::MaskStrides* mask = o.masked ? &o.mask : nullptr;
-  const std::string refused = mfa_sdpa::check_limits(s, o.dtype, o.grad, mask);
+  std::string refused = mfa_sdpa::check_limits(s, o.dtype, o.grad, mask);
+  if (refused.empty()) refused = mfa_sdpa::check_scale(float(o.scale));  // as the bridge refuses
   if (!refused.empty()) {
     std::printf("{\"refused\": \"%s\"}\n", refused.c_str());
     return 2;
   }
   MTL::Device device;
   ccv_nnc_mfa_context_t* context = ccv_nnc_init_mfa_context(&device);
-  const int macos = mfa_engine::record().device.macos;
-  ccv_nnc_mfa_set_async_copies(context, o.async_copies == "auto" ? mfa_sdpa::async_copies_for_macos(macos)
-                                                                 : o.async_copies == "on");
+  // As the bridge creates its context: the copy mode by the probe.
+  bool async = o.async_copies == "on";
+  if (o.async_copies == "auto") async = mfa_sdpa::configure_copies(context, &device);
+  else ccv_nnc_mfa_set_async_copies(context, async);
+  const mfa_sdpa::MacOS macos = mfa_sdpa::macos();
+  auto& platform = mfa_engine::record().platform;
+  platform.emplace_back("macos_version", "\"" + macos.reported + "\"");
+  platform.emplace_back("macos_major", std::to_string(macos.major));
+  platform.emplace_back("async_copies", async ? "true" : "false");
+  platform.emplace_back("metal_language", "\"" + mfa_sdpa::metal_language() + "\"");
+  const std::string too_old = mfa_sdpa::check_macos(macos.major);  // as the bridge refuses
+  if (!too_old.empty()) {
+    std::printf("{\"refused\": \"%s\"}\n", too_old.c_str());
+    return 2;
+  }
   if (!ccv_nnc_mfa_context_supported(context)) {
     std::printf("{\"refused\": \"GPU family not supported by MFA\"}\n");
     return 2;
@@ -233,13 +326,20 @@ int run(const Options& o) {
          lse = tensor("lse", lse_elements, 4, o.offset);
   const Tensor mask_tensor = mask ? tensor("mask", mfa_sdpa::mask_span(s, *mask), es, o.offset) : Tensor{nullptr, 0};
   Tensor forward[mfa_sdpa::kForwardBuffers] = {q, k, v, out, mask_tensor, lse};
-  encode(o.prepare, context, mfa_sdpa::make_params(s, o.dtype, float(o.scale), false, o.causal, mask), forward, mfa_sdpa::kForwardBuffers);
+  CommandBuffer command_buffer{o.keep_scratch, {}};
+  encode(o.prepare, context, mfa_sdpa::make_params(s, o.dtype, float(o.scale), false, o.causal, mask), forward,
+         mfa_sdpa::kForwardBuffers, command_buffer);
+  if (!o.same_command_buffer) command_buffer.complete();
   if (o.grad) {
     Tensor dout = tensor("do", q_elements, es, o.offset), dq = tensor("dq", q_elements, es, o.offset),
            dk = tensor("dk", kv_elements, es, o.offset), dv = tensor("dv", kv_elements, es, o.offset);
     Tensor backward[mfa_sdpa::kBackwardBuffers] = {q, k, v, out, lse, dout, dq, dk, dv, mask_tensor};
-    encode(o.prepare, context, mfa_sdpa::make_params(s, o.dtype, float(o.scale), true, o.causal, mask), backward, mfa_sdpa::kBackwardBuffers);
+    encode(o.prepare, context, mfa_sdpa::make_params(s, o.dtype, float(o.scale), true, o.causal, mask), backward,
+           mfa_sdpa::kBackwardBuffers, command_buffer);
   }
+  command_buffer.complete();
+  const auto& released = mfa_engine::record().released_in_use;
+  if (!released.empty()) throw std::runtime_error("use after release: " + released.front());
   std::fputs(mfa_engine::to_json(mfa_engine::record()).c_str(), stdout);
   return mfa_engine::record().errors.empty() ? 0 : 4;
 }

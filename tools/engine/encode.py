@@ -36,7 +36,9 @@ class Call:
     mask_shape: str = "B1LS"  # one of MASK_SHAPES, with a mask
     grad: bool = False
     gpu: str = "apple9"  # apple7, apple9
-    macos: int = 26
+    macos: int = 26  # the modelled Mac's compiler: from 26 on it rejects `__asm` in source
+    os_reports: Optional[str] = None  # what its NSProcessInfo reports; None: macos
+    scale: Optional[float] = None  # SDPA's scale; None: 1/sqrt(head_dim)
 
     @property
     def torch_dtype(self):
@@ -52,9 +54,16 @@ class Call:
         args = ["--dtype", self.dtype, "--batch", str(self.batch), "--heads", str(self.heads)]
         args += ["--kv-heads", str(self.hk), "--q-len", str(self.q_len), "--kv-len", str(self.kv_len)]
         args += ["--head-dim", str(self.head_dim), "--gpu", self.gpu, "--macos", str(self.macos)]
+        if self.os_reports is not None:
+            args += ["--os-reports", self.os_reports]
+        if self.scale is not None:
+            args += ["--scale", repr(float(self.scale))]
         if self.mask != "none":
             args += ["--mask-strides", ",".join(map(str, self.mask_strides()))]
-        return args + (["--grad"] if self.grad else []) + (["--causal"] if self.causal else [])
+        # the backward in the forward's command buffer, as PyTorch's stream may encode them:
+        # the driver fails a run that releases a buffer a pending dispatch binds
+        args += ["--grad", "--same-command-buffer"] if self.grad else []
+        return args + (["--causal"] if self.causal else [])
 
     def mask_dims(self) -> tuple:
         """The stored (compact) mask's shape, [Bm, Hm, Rm, C]."""
@@ -96,6 +105,7 @@ def refusal(call: Call) -> Optional[str]:
         mask=None if call.mask == "none" else call.mask,
         mask_per_head=call.mask != "none" and call.mask_dims()[1] > 1,
         needs_grad=call.grad,
+        scale=call.scale,
     )
     return MFAKernel().supports(kernel_call)
 
@@ -106,6 +116,13 @@ class Kernel:
 
     name: str
     source: str
+    options: Optional[dict] = None  # the compile options: {"language": "3.1", "fast_math": True}; None: none given
+
+    def options_line(self) -> str:
+        """``// options: language=X.Y fast_math=on|off`` (``// options: none`` without options)."""
+        if self.options is None:
+            return "// options: none"
+        return f"// options: language={self.options['language']} fast_math={'on' if self.options['fast_math'] else 'off'}"
 
 
 @dataclasses.dataclass
@@ -128,7 +145,8 @@ class Record:
             if library not in seen:
                 seen.add(library)
                 source = self.raw["libraries"][library]["source"]
-                out.append(Kernel(kernel_name(self.raw["pipelines"][dispatch["pipeline"]]["function"], source), source))
+                name = kernel_name(self.raw["pipelines"][dispatch["pipeline"]]["function"], source)
+                out.append(Kernel(name, source, self.raw["libraries"][library].get("options")))
         return out
 
 

@@ -110,10 +110,13 @@ class GuardedBuffer:
 class Execution:
     """What the kernels wrote, as CPU tensors: out [B, R, H, D] and dq in the call's dtype,
     dk, dv [B, C, H, D], lse [B, H, R] float32 (base 2); mma: 8x8 multiply-accumulates
-    executed per kernel name."""
+    executed per kernel name; float_exceptions: kernel name -> the float exceptions its
+    threads raised (metal.FLOAT_EXCEPTIONS: an operation that made a NaN or an infinity),
+    for the kernels that raised any."""
 
     outputs: dict
     mma: dict
+    float_exceptions: dict = dataclasses.field(default_factory=dict)
 
 
 def random_inputs(call: encode.Call, seed: int) -> dict:
@@ -274,6 +277,7 @@ def execute(
         for name, tensor in contents.items():
             memory.write(name, tensor)
         mma = collections.Counter()
+        flags = collections.Counter()
         frozen = {}  # the forward's results, which the backward must only read
         for dispatch in record.dispatches:
             pipeline = record.raw["pipelines"][dispatch["pipeline"]]
@@ -287,6 +291,7 @@ def execute(
             buffers, constants, lengths = _bindings(kernel, dispatch, pipeline, memory, name, transient)
             stats = kernel.run(dispatch["grid"], dispatch["group"], buffers, constants, lengths, schedule=schedule)
             mma[name] += stats.get("mma", 0)
+            flags[name] |= stats.get("float_exceptions", 0)
         memory.check_surroundings()
         for name, tensor in contents.items():
             if not torch.equal(memory.read(name).view(torch.uint8), tensor.contiguous().view(torch.uint8)):
@@ -296,7 +301,8 @@ def execute(
                 raise ReplayError(f"the backward wrote to the forward's {name}")
         names = OUTPUTS if record.call.grad else OUTPUTS[:2]
         outputs = {name: memory.read(BUFFER_OF.get(name, name)) for name in names}
-        return Execution(outputs, dict(mma))
+        raised = {name: metal.float_exceptions(bits) for name, bits in flags.items() if bits}
+        return Execution(outputs, dict(mma), raised)
     finally:
         memory.free()
         for buffer in transient:
@@ -307,8 +313,10 @@ def execute(
 
 
 def default_scale(call: encode.Call) -> float:
-    """1/sqrt(D) as the driver passes it: rounded to float32 (ccv's alpha is a float)."""
-    return torch.tensor(1.0 / math.sqrt(call.head_dim), dtype=torch.float32).item()
+    """The call's scale (1/sqrt(D) when it has none) as the driver passes it: rounded to
+    float32 (ccv's alpha is a float)."""
+    scale = 1.0 / math.sqrt(call.head_dim) if call.scale is None else call.scale
+    return torch.tensor(scale, dtype=torch.float32).item()
 
 
 def reference(call: encode.Call, inputs: dict, scale: Optional[float] = None) -> dict:
@@ -427,6 +435,7 @@ def run(
         "used": _finite(comparison.used),
         "tolerance": {name: {"atol": a, "rtol": r} for name, (a, r) in comparison.tolerance.items()},
         "mma": execution.mma,
+        "float_exceptions": execution.float_exceptions,
         "seconds": round(time.perf_counter() - started, 3),
     }
 

@@ -449,7 +449,16 @@ class _Launch(ctypes.Structure):
 
 STAT_NAMES = (
     "mma", "threadgroups", "threads", "barriers", "simd_collectives", "async_copies", "async_copy_bytes", "switches",
+    "float_exceptions",
 )  # fmt: skip
+# The float exceptions a launch reports (<fenv.h> on x86-64): an operation that made a NaN, an
+# infinity from a division by zero, or an infinity from a finite overflow.
+FLOAT_EXCEPTIONS = {"invalid": 0x01, "divide_by_zero": 0x04, "overflow": 0x08}
+
+
+def float_exceptions(flags: int) -> list[str]:
+    """The names of the float exceptions in a launch's ``float_exceptions`` count."""
+    return [name for name, bit in FLOAT_EXCEPTIONS.items() if flags & bit]
 
 
 class _Stats(ctypes.Structure):
@@ -498,7 +507,8 @@ class Kernel:
         threadgroup_memory: [[threadgroup(n)]] -> bytes. Extra entries (bindings a kernel
         does not declare) are ignored, as Metal ignores them. Returns counts: mma (8x8
         multiply-accumulates executed), threadgroups, threads, barriers, simd_collectives,
-        async_copies, async_copy_bytes, switches."""
+        async_copies, async_copy_bytes, switches, and float_exceptions (float_exceptions()
+        names them)."""
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule {schedule!r} is not one of {SCHEDULES}")
         grid, group = _size(grid, "grid"), _size(group, "group")

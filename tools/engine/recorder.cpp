@@ -21,6 +21,8 @@ static MTL::Buffer* new_buffer(const std::string& name, std::uint64_t length) {
 
 MTL::Buffer* tensor_buffer(const std::string& name, std::uint64_t length) { return new_buffer(name, length); }
 
+void complete_command_buffer() { record().in_flight.clear(); }
+
 static std::string hex(const unsigned char* p, std::size_t n) {
   static const char* digits = "0123456789abcdef";
   std::string s;
@@ -55,10 +57,19 @@ static std::string quote(const std::string& s) {
 std::string to_json(const Record& r) {
   std::ostringstream o;
   o << "{\"device\": {\"gpu_family\": " << r.device.gpu_family << ", \"macos\": " << r.device.macos << "},\n";
+  o << "\"platform\": {";
+  for (std::size_t i = 0; i < r.platform.size(); ++i)
+    o << (i ? ", " : "") << quote(r.platform[i].first) << ": " << r.platform[i].second;
+  o << "},\n";
   o << "\"libraries\": [";
   for (std::size_t i = 0; i < r.libraries.size(); ++i) {
-    o << (i ? ",\n" : "\n") << "{\"precompiled\": " << (r.libraries[i].precompiled ? "true" : "false")
-      << ", \"source\": " << quote(r.libraries[i].source) << "}";
+    const auto& l = r.libraries[i];
+    o << (i ? ",\n" : "\n") << "{\"precompiled\": " << (l.precompiled ? "true" : "false") << ", \"options\": ";
+    if (l.options_given)
+      o << "{\"language\": " << quote(l.language) << ", \"fast_math\": " << (l.fast_math ? "true" : "false") << "}";
+    else
+      o << "null";
+    o << ", \"source\": " << quote(l.source) << "}";
   }
   o << "],\n\"pipelines\": [";
   for (std::size_t i = 0; i < r.pipelines.size(); ++i) {
@@ -118,6 +129,20 @@ using mfa_engine::record;
 struct mfa_dispatch_data_s {};
 dispatch_data_t dispatch_data_create(const void*, std::size_t, void*, void*) { return new mfa_dispatch_data_s(); }
 void dispatch_release(dispatch_data_t data) { delete data; }
+
+namespace NS {
+
+ProcessInfo* ProcessInfo::processInfo() {
+  static ProcessInfo info;
+  return &info;
+}
+
+OperatingSystemVersion ProcessInfo::operatingSystemVersion() const {
+  const long* v = record().device.os_reports;
+  return {v[0], v[1], v[2]};
+}
+
+}  // namespace NS
 
 namespace MTL {
 
@@ -185,12 +210,42 @@ NS::String* Device::name() const {
   return new NS::String(record().device.gpu_family >= 1009 ? "Apple M3 (modelled)" : "Apple M1 (modelled)");
 }
 
-Library* Device::newLibrary(NS::String* source, CompileOptions*, NS::Error** error) {
-  if (record().device.reject_asm && source->value.find("__asm") != std::string::npos) {
-    if (error) *error = new NS::Error("modelled macOS 26 compiler: __asm in runtime-compiled source is rejected");
+// The newest Metal language the modelled macOS compiles: 3.0 on macOS 13, 3.1 on 14, 3.2
+// on 15, 4.0 on 26.
+static unsigned newest_language(int macos) {
+  if (macos >= 26) return 4u << 16;
+  if (macos >= 15) return (3u << 16) + 2;
+  if (macos >= 14) return (3u << 16) + 1;
+  return 3u << 16;
+}
+
+static std::string language_name(unsigned version) {
+  return std::to_string(version >> 16) + "." + std::to_string(version & 0xFFFF);
+}
+
+// The modelled compiler: macOS 26 rejects `__asm` declarations; a language version newer
+// than the macOS has fails; `bfloat` is an unknown type below Metal 3.1.
+Library* Device::newLibrary(NS::String* source, CompileOptions* options, NS::Error** error) {
+  const auto& device = record().device;
+  const std::string macos = "modelled macOS " + std::to_string(device.macos) + " compiler: ";
+  auto fail = [&](const std::string& why) -> Library* {
+    if (error) *error = new NS::Error(macos + why);
     return nullptr;
-  }
-  return new_library(source->value, false);
+  };
+  if (device.reject_asm && source->value.find("__asm") != std::string::npos)
+    return fail("__asm in runtime-compiled source is rejected");
+  const unsigned language = options && options->language_set ? unsigned(options->language) : device.default_language;
+  if (language > newest_language(device.macos))
+    return fail("Metal language " + language_name(language) + " is not available (newest " +
+                language_name(newest_language(device.macos)) + ")");
+  if (language < (3u << 16) + 1 && source->value.find("bfloat") != std::string::npos)
+    return fail("unknown type name 'bfloat' (Metal language " + language_name(language) + "; bfloat needs 3.1)");
+  Library* library = new_library(source->value, false);
+  auto& recorded = record().libraries[library->id];
+  recorded.options_given = options != nullptr;
+  recorded.language = language_name(language);
+  recorded.fast_math = options ? options->fast_math : true;
+  return library;
 }
 
 Library* Device::newLibrary(dispatch_data_t, NS::Error**) { return new_library("", true); }
@@ -264,6 +319,15 @@ void ComputeCommandEncoder::dispatchThreadgroups(Size grid, Size group) {
   d.grid = grid;
   d.group = group;
   record().dispatches.push_back(d);
+  for (const auto& [index, binding] : d.buffers) record().in_flight.insert(binding.buffer);
+}
+
+Buffer::~Buffer() {
+  auto& r = record();
+  if (r.in_flight.count(id))
+    r.released_in_use.push_back("buffer " + std::to_string(id) + " (" + r.buffers[id].name + ", " +
+                                std::to_string(size) + " bytes) was released while a dispatch of a command buffer "
+                                "not yet completed binds it");
 }
 
 void ComputeCommandEncoder::endEncoding() {}

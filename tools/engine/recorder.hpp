@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <map>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -33,6 +34,9 @@ struct Pipeline {
 struct Library {
   std::string source;  // empty for the precompiled v1 metallib
   bool precompiled;
+  bool options_given = false;  // newLibrary had compile options, with:
+  std::string language;        // "3.1"
+  bool fast_math = true;
 };
 
 struct BufferInfo {
@@ -44,12 +48,19 @@ struct BufferInfo {
 struct DeviceModel {
   int gpu_family = 1009;  // MTL::GPUFamilyApple9
   int macos = 26;
+  // What NSProcessInfo reports (major, minor, patch): by default the modelled macOS; a
+  // process linked against an SDK older than macOS 26 is told 16.x there.
+  long os_reports[3] = {26, 0, 0};
   // Model the reported macOS 26 behaviour: runtime-compiled source declaring `__asm`
   // intrinsics fails to compile.
   bool reject_asm = true;
   // Fault injection, as reported on macOS 26.5: a library compiles without error but holds
   // no function ("empty-library"), or pipeline creation returns nil ("nil-pipeline").
   std::string fault;
+  // The Metal language a library compiles as without options saying which: the process's
+  // default, not guaranteed; modelled as 3.0, where `bfloat` is unknown (reported under
+  // Python on macOS 15.6.1).
+  unsigned default_language = (3u << 16) + 0;
   // Allocations above this fail (nil), as Metal's do past the device's limit.
   std::uint64_t max_buffer_bytes = std::uint64_t(1) << 36;
 };
@@ -63,6 +74,13 @@ struct Record {
   Dispatch state;  // the encoder's current state: it persists between dispatches, as in Metal
   bool has_pipeline = false;
   std::vector<std::string> errors;  // misuse Metal would crash on (nil pipeline, ...)
+  // Buffers bound by dispatches of the command buffer not yet completed, and every release
+  // of one of them (the GPU would read or write freed memory).
+  std::set<int> in_flight;
+  std::vector<std::string> released_in_use;
+  // What the caller decided about the platform, as JSON values by name (the driver's
+  // platform decisions, made by the bridge's own code).
+  std::vector<std::pair<std::string, std::string>> platform;
 };
 
 Record& record();
@@ -71,5 +89,8 @@ Record& record();
 MTL::Buffer* tensor_buffer(const std::string& name, std::uint64_t length);
 
 std::string to_json(const Record& r);
+
+// The command buffer holding every dispatch recorded so far completed: its buffers may go.
+void complete_command_buffer();
 
 }  // namespace mfa_engine

@@ -28,6 +28,7 @@
 // them in lockstep, which Metal does not promise): code relying on that fails here.
 // Threadgroup memory is filled with 0x7FC07FC0 (a quiet NaN as float, half and bfloat)
 // before each threadgroup.
+#include <cfenv>
 #include <csetjmp>
 #include <csignal>
 #include <cstdint>
@@ -46,7 +47,9 @@
 
 // ---------------------------------------------------------------------------------------
 // Context switch: saves the callee-saved registers, MXCSR and the x87 control word on the
-// current stack, stores the stack pointer in *from and continues on the stack `to`.
+// current stack, stores the stack pointer in *from and continues on the stack `to`. MXCSR's
+// exception flags raised so far travel on (ORed into the incoming context's), so the
+// scheduler sees every float exception any thread raised (Stats::float_exceptions).
 extern "C" void mfa_switch(void** from, void* to);
 extern "C" void mfa_fiber_entry();
 asm(R"(
@@ -64,8 +67,11 @@ mfa_switch:
   subq $8, %rsp
   stmxcsr (%rsp)
   fnstcw 4(%rsp)
+  movl (%rsp), %eax
+  andl $0x3f, %eax
   movq %rsp, (%rdi)
   movq %rsi, %rsp
+  orl %eax, (%rsp)
   ldmxcsr (%rsp)
   fldcw 4(%rsp)
   addq $8, %rsp
@@ -121,6 +127,7 @@ struct Simd {
 
 struct Stats {
   uint64_t mma, threadgroups, threads, barriers, simd_collectives, async_copies, async_copy_bytes, switches;
+  uint64_t float_exceptions;  // FE_INVALID | FE_DIVBYZERO | FE_OVERFLOW raised by any thread
 };
 
 struct Launch {
@@ -659,6 +666,7 @@ MFA_EXPORT int mfa_launch(const Launch* launch, Stats* stats, char* error, size_
     return finish(-1);
   }
   std::memset(stats, 0, sizeof *stats);
+  std::feclearexcept(FE_ALL_EXCEPT);
   rt.launch = &L;
   rt.stats = stats;
   rt.threads = (uint32_t)threads;
@@ -687,6 +695,7 @@ MFA_EXPORT int mfa_launch(const Launch* launch, Stats* stats, char* error, size_
     ok = false;
     rt.error = describe_fault();
   }
+  stats->float_exceptions = std::fetestexcept(FE_INVALID | FE_DIVBYZERO | FE_OVERFLOW);
   handlers.restore();
   release_memory();
   message = rt.error;

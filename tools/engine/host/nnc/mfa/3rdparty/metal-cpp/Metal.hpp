@@ -111,6 +111,20 @@ class URL : public Object {
   std::string path;
 };
 
+// NSProcessInfo, as far as the bridge's platform checks read it (native/mfa_platform.hpp):
+// it reports what the modelled Mac's NSProcessInfo would (the driver's --os-reports).
+struct OperatingSystemVersion {
+  Integer majorVersion;
+  Integer minorVersion;
+  Integer patchVersion;
+};
+
+class ProcessInfo : public Object {
+ public:
+  static ProcessInfo* processInfo();
+  OperatingSystemVersion operatingSystemVersion() const;
+};
+
 class AutoreleasePool : public Object {
  public:
   static AutoreleasePool* alloc() { return new AutoreleasePool(); }
@@ -156,7 +170,26 @@ struct Size {
   NS::UInteger width = 0, height = 0, depth = 0;
 };
 
-class CompileOptions;
+// Metal language versions as MTLLanguageVersion encodes them: (major << 16) + minor. The
+// pinned metal-cpp names them up to 3.0.
+enum LanguageVersion : NS::UInteger {
+  LanguageVersion3_0 = 196608,
+};
+
+// What newLibrary compiles with; recorded with every library (recorder.cpp).
+class CompileOptions : public NS::Object {
+ public:
+  static CompileOptions* alloc() { return new CompileOptions(); }
+  CompileOptions* init() { return this; }
+  void setLanguageVersion(LanguageVersion version) { language = version; language_set = true; }
+  LanguageVersion languageVersion() const { return language; }
+  void setFastMathEnabled(bool enabled) { fast_math = enabled; }
+  bool fastMathEnabled() const { return fast_math; }
+  LanguageVersion language = LanguageVersion3_0;  // unset: the device's default (recorder.cpp)
+  bool language_set = false;
+  bool fast_math = true;  // Metal's default
+};
+
 class ComputePipelineReflection;
 
 // One function constant as set by the host: Metal type and raw bytes.
@@ -213,6 +246,7 @@ class Buffer : public NS::Object {
   void* contents() { return nullptr; }  // private storage: the host never reads it
   int id = -1;  // index into the record's buffers
   NS::UInteger size = 0;
+  ~Buffer() override;  // a release while a dispatch not yet completed binds it is recorded
 };
 
 class ComputeCommandEncoder : public NS::Object {
