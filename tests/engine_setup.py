@@ -1,5 +1,6 @@
 """The MFA engine (tools/engine), for the tests that build or run it."""
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import os
@@ -63,3 +64,35 @@ def call_id(call: encode.Call) -> str:
     text += f"-b{call.batch}-macos{call.macos}" + ("-causal" if call.causal else "")
     text += "" if call.mask == "none" else f"-{call.mask}-{call.mask_shape}"
     return text + ("" if call.grad else "-forward")
+
+
+def kernels_of(call: encode.Call):
+    """(source, function) of every dispatch ``call`` encodes."""
+    record = encode.encode(call)
+    for dispatch in record.dispatches:
+        pipeline = record.raw["pipelines"][dispatch["pipeline"]]
+        yield record.raw["libraries"][pipeline["library"]]["source"], pipeline["function"]
+
+
+def compile_all(metal, kernels) -> None:
+    """Compile (source, function) pairs on every core, so that tests find them compiled; a
+    source that does not compile fails its own test, not this."""
+
+    def compile_quietly(kernel):
+        try:
+            metal.load_kernel(*kernel)
+        except metal.MetalSyntaxError:
+            pass
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        list(pool.map(compile_quietly, kernels))
+
+
+def precompile(calls) -> None:
+    """The engine built and the kernels of ``calls`` compiled on every core, for a test
+    module's matrix (its tests then find them compiled); skips or fails as engine_required."""
+    with engine_required():
+        build.build()
+        from engine import metal
+
+        compile_all(metal, dict.fromkeys(kernel for call in calls for kernel in kernels_of(call)))

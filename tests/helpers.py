@@ -2,8 +2,32 @@
 
 import torch
 
+import metal_flash_sdpa
 from conftest import pytorch_sdpa
 from metal_flash_sdpa.check import compare
+
+
+class RecordingKernel(metal_flash_sdpa.ReferenceKernel):
+    """The reference kernel, recording the ``dropout`` argument of every forward and backward."""
+
+    name = "recording"
+
+    def __init__(self, block_size=16):
+        super().__init__(block_size)
+        self.forwards, self.backwards = [], []
+
+    def forward(self, *args, dropout=None):
+        self.forwards.append(dropout)
+        return super().forward(*args, dropout=dropout)
+
+    def backward(self, *args, dropout=None):
+        self.backwards.append(dropout)
+        return super().backward(*args, dropout=dropout)
+
+
+class NoDropoutKernel(metal_flash_sdpa.ReferenceKernel):
+    name = "no-dropout"
+    supports_dropout = False
 
 
 def _grads(out, inputs, grad_out):

@@ -9,6 +9,7 @@ Objective-C that names things as declared. Skips with one line without clang or 
 sources, unless MFA_ENGINE_REQUIRED=1.
 """
 
+import concurrent.futures
 import pathlib
 import re
 import shutil
@@ -29,8 +30,10 @@ STUBS = REPO / "tools" / "bridge_stubs"
 
 
 @pytest.fixture(scope="module")
-def check(tmp_path_factory):
-    """check(bridge) -> clang's result for that copy of the bridge (beside native/*.hpp)."""
+def checked(tmp_path_factory):
+    """clang's results for the bridge and for a copy with every mistake of PLANTED (beside
+    native/*.hpp), and that copy's path and lines: the two runs at once, since each reads
+    all of torch's headers (about half a minute)."""
     if sys.platform == "darwin":
         pytest.skip("on macOS the Meson build compiles the bridge against the real SDK")
     with engine_required("the bridge's syntax check"):
@@ -60,11 +63,14 @@ def check(tmp_path_factory):
         command = [compiler, "-x", "objective-c++", "-fsyntax-only", *flags, str(bridge)]
         return subprocess.run(command, capture_output=True, text=True)
 
-    return run
+    planted, lines = plant(tmp_path_factory.mktemp("planted"))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        bridge_result, planted_result = pool.map(run, [NATIVE / "mfa_bridge.mm", planted])
+    return bridge_result, planted_result, planted, lines
 
 
-def test_bridge_compiles(check):
-    result = check(NATIVE / "mfa_bridge.mm")
+def test_bridge_compiles(checked):
+    result = checked[0]
     assert result.returncode == 0, result.stderr[-6000:]
 
 
@@ -79,18 +85,24 @@ PLANTED = [
 ]
 
 
-def test_planted_errors_fail(check, tmp_path):
-    """One copy with every mistake planted; clang must report an error on each one's line."""
+def plant(directory: pathlib.Path):
+    """A copy of the bridge with every mistake planted, in ``directory`` beside copies of
+    native/*.hpp -> (its path, the line each mistake is on)."""
     source = (NATIVE / "mfa_bridge.mm").read_text()
     for what, right, wrong, _ in PLANTED:
         assert source.count(right) == 1, f"{what}: {right!r} is no longer in the bridge once"
         source = source.replace(right, wrong)
     lines = {what: source[: source.index(at or wrong)].count("\n") + 1 for what, _, wrong, at in PLANTED}
     for header in NATIVE.glob("*.hpp"):
-        shutil.copy(header, tmp_path)
-    planted = tmp_path / "mfa_bridge.mm"
+        shutil.copy(header, directory)
+    planted = directory / "mfa_bridge.mm"
     planted.write_text(source)
-    result = check(planted)
+    return planted, lines
+
+
+def test_planted_errors_fail(checked):
+    """One copy with every mistake planted; clang must report an error on each one's line."""
+    _, result, planted, lines = checked
     assert result.returncode != 0
     flagged = {int(n) for n in re.findall(rf"{re.escape(str(planted))}:(\d+):\d+: error:", result.stderr)}
     missed = [what for what, line in lines.items() if line not in flagged]

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import metal_flash_sdpa
 from metal_flash_sdpa import dropout, kernels, rules
+from helpers import NoDropoutKernel, RecordingKernel
 from metal_flash_sdpa.check import compare
 
 
@@ -22,25 +23,7 @@ def math_with_keep(q, k, v, mask, p, causal, keep, scale=None):
         )[0]
 
 
-class Recording(metal_flash_sdpa.ReferenceKernel):
-    """The reference kernel, recording the ``dropout`` argument of every forward and backward."""
-
-    name = "recording"
-
-    def __init__(self, block_size=16):
-        super().__init__(block_size)
-        self.forwards, self.backwards = [], []
-
-    def forward(self, *args, dropout=None):
-        self.forwards.append(dropout)
-        return super().forward(*args, dropout=dropout)
-
-    def backward(self, *args, dropout=None):
-        self.backwards.append(dropout)
-        return super().backward(*args, dropout=dropout)
-
-
-class OtherBitsInBackward(Recording):
+class OtherBitsInBackward(RecordingKernel):
     """A mutant: the backward regenerates other decisions than the forward drew."""
 
     name = "mutant"
@@ -51,14 +34,9 @@ class OtherBitsInBackward(Recording):
         return metal_flash_sdpa.ReferenceKernel.backward(self, *args, dropout=(p, seed ^ 1))
 
 
-class NoDropout(metal_flash_sdpa.ReferenceKernel):
-    name = "no-dropout"
-    supports_dropout = False
-
-
 @pytest.fixture
 def recording(reference_cpu, no_selfcheck):
-    kernel = Recording()
+    kernel = RecordingKernel()
     kernels.register_kernel("cpu", kernel)
     return kernel
 
@@ -266,7 +244,7 @@ def test_compiled_dropout_draws_when_it_runs(recording):
 
 
 def test_dropout_needs_a_kernel_that_declares_it(reference_cpu):
-    kernels.register_kernel("cpu", NoDropout())
+    kernels.register_kernel("cpu", NoDropoutKernel())
     q, k, v = (torch.randn(1, 2, 24, 8) for _ in range(3))
     assert metal_flash_sdpa.explain(q, k, v, dropout_p=0.2) == "dropout not supported by no-dropout"
     torch.manual_seed(3)

@@ -17,9 +17,10 @@ import os
 import pytest
 import torch
 
-from engine_setup import call_id, engine_call, engine_required  # puts tools/ on sys.path
+import engine_setup
+from engine_setup import call_id, engine_call  # puts tools/ on sys.path
 
-from engine import build, encode, execute  # noqa: E402  (after engine_setup)
+from engine import encode, execute  # noqa: E402  (after engine_setup)
 
 FULL = os.environ.get("MFA_ENGINE_FULL") == "1"
 KERNELS = {"attention_forward", "attention_backward_query", "attention_backward_key_value", "cast_float_to_bfloat"}
@@ -62,8 +63,7 @@ if FULL:
 
 @pytest.fixture(scope="module")
 def engine():
-    with engine_required():
-        build.build()
+    engine_setup.precompile(case.call() for case in MATRIX)
 
 
 def run(case: Case, edit=None):

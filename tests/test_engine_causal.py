@@ -17,10 +17,9 @@ the executor's multiply-accumulate counter.
 
 import pytest
 
-import engine_setup
-from engine_setup import engine_required  # puts tools/ on sys.path
+import engine_setup  # puts tools/ on sys.path
 
-from engine import build, encode, execute  # noqa: E402  (after engine_setup)
+from engine import encode, execute  # noqa: E402  (after engine_setup)
 
 KERNELS = ("attention_forward", "attention_backward_query", "attention_backward_key_value")
 
@@ -56,8 +55,7 @@ def run(case: Case, edit=None, causal: bool = True) -> dict:
 
 @pytest.fixture(scope="module")
 def engine():
-    with engine_required():
-        build.build()
+    engine_setup.precompile(case.call(True) for case in MATRIX)
 
 
 @pytest.mark.parametrize("case", MATRIX, ids=str)

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from engine_setup import call_id, engine_call, engine_required  # puts tools/ on sys.path
+from engine_setup import call_id, compile_all, engine_call, engine_required, kernels_of  # puts tools/ on sys.path
 
 from engine import build, encode, execute  # noqa: E402  (after engine_setup)
 
@@ -98,14 +98,6 @@ if FULL:
     MATRIX += [Case(gpu, dtype, 64, 1024, 1024) for gpu in ("apple9", "apple7") for dtype in ("fp32", "fp16")]
 
 
-def kernels_of(case: Case):
-    """(source, function) of every dispatch the case encodes."""
-    record = encode.encode(case.call())
-    for dispatch in record.dispatches:
-        pipeline = record.raw["pipelines"][dispatch["pipeline"]]
-        yield record.raw["libraries"][pipeline["library"]]["source"], pipeline["function"]
-
-
 @pytest.fixture(scope="module")
 def metal():
     """The executing shim, with the matrix's kernels compiled on every core first; skips
@@ -113,17 +105,10 @@ def metal():
     with engine_required():
         build.build()
         from engine import metal
-    wanted = dict.fromkeys(kernel for case in MATRIX for kernel in kernels_of(case))
+    wanted = dict.fromkeys(kernel for case in MATRIX for kernel in kernels_of(case.call()))
     wanted.update(dict.fromkeys(mutant_kernels()))  # the children find them compiled
 
-    def compile_quietly(kernel):  # a source that does not compile fails its own test
-        try:
-            metal.load_kernel(*kernel)
-        except metal.MetalSyntaxError:
-            pass
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        list(pool.map(compile_quietly, wanted))
+    compile_all(metal, wanted)
     return metal
 
 

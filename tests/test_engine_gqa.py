@@ -14,9 +14,10 @@ copies). Wrong variants (interleaved heads, the group loop not reset or not adva
 
 import pytest
 
-from engine_setup import Case, engine_required  # puts tools/ on sys.path
+import engine_setup
+from engine_setup import Case  # puts tools/ on sys.path
 
-from engine import build, encode, execute  # noqa: E402  (after engine_setup)
+from engine import encode, execute  # noqa: E402  (after engine_setup)
 
 KERNELS = ("attention_forward", "attention_backward_query", "attention_backward_key_value")
 
@@ -44,8 +45,7 @@ def run(case: Case, edit=None) -> dict:
 
 @pytest.fixture(scope="module")
 def engine():
-    with engine_required():
-        build.build()
+    engine_setup.precompile(case.call() for case in MATRIX)
 
 
 @pytest.mark.parametrize("case", MATRIX, ids=str)

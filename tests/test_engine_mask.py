@@ -21,10 +21,9 @@ import dataclasses
 import pytest
 import torch
 
-import engine_setup
-from engine_setup import engine_required  # puts tools/ on sys.path
+import engine_setup  # puts tools/ on sys.path
 
-from engine import build, encode, execute, masks, metal  # noqa: E402  (after engine_setup)
+from engine import encode, execute, masks, metal  # noqa: E402  (after engine_setup)
 from metal_flash_sdpa import check  # noqa: E402
 
 KERNELS = ("attention_forward", "attention_backward_query", "attention_backward_key_value")
@@ -65,8 +64,7 @@ MATRIX = [
 
 @pytest.fixture(scope="module")
 def engine():
-    with engine_required():
-        build.build()
+    engine_setup.precompile(case.call() for case in MATRIX)
 
 
 def misses(call: encode.Call, inputs: dict, edit=None, against_pytorch: bool = False) -> dict:

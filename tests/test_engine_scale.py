@@ -12,10 +12,8 @@ scale 4 overflows and fails. Scales outside what MFAKernel serves are refused by
 the bridge's check_scale (the driver), with exit 2 from the CLI.
 """
 
-import concurrent.futures
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 
@@ -69,22 +67,11 @@ def engine():
         from engine import metal
     kernels = {}
     for case in MATRIX + [PIN]:
-        record = encode.encode(case.call())
-        for dispatch in record.dispatches:
-            pipeline = record.raw["pipelines"][dispatch["pipeline"]]
-            source = record.raw["libraries"][pipeline["library"]]["source"]
-            kernels[(source, pipeline["function"])] = None
+        for source, function in engine_setup.kernels_of(case.call()):
+            kernels[(source, function)] = None
             if case is PIN:
-                kernels[(pin(None, source), pipeline["function"])] = None
-
-    def compile_quietly(kernel):  # a source that does not compile fails its own test
-        try:
-            metal.load_kernel(*kernel)
-        except metal.MetalSyntaxError:
-            pass
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        list(pool.map(compile_quietly, kernels))
+                kernels[(pin(None, source), function)] = None
+    engine_setup.compile_all(metal, kernels)
 
 
 def misses(execution, call, inputs) -> dict:

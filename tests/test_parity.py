@@ -14,35 +14,13 @@ from torch.nn.attention.bias import causal_lower_right, causal_upper_left
 from torch.overrides import TorchFunctionMode
 
 import metal_flash_sdpa
+from helpers import NoDropoutKernel, RecordingKernel
 from metal_flash_sdpa import kernels, patch, rules
-
-
-class CountingKernel(metal_flash_sdpa.ReferenceKernel):
-    """The reference kernel, counting its forward and backward runs."""
-
-    name = "counting"
-
-    def __init__(self):
-        super().__init__(block_size=32)
-        self.forwards = self.backwards = 0
-
-    def forward(self, *args):
-        self.forwards += 1
-        return super().forward(*args)
-
-    def backward(self, *args):
-        self.backwards += 1
-        return super().backward(*args)
-
-
-class NoDropoutKernel(metal_flash_sdpa.ReferenceKernel):
-    name = "no-dropout"
-    supports_dropout = False
 
 
 @pytest.fixture
 def counting(reference_cpu, no_selfcheck):
-    kernel = CountingKernel()
+    kernel = RecordingKernel(block_size=32)
     kernels.register_kernel("cpu", kernel)
     return kernel
 
@@ -95,8 +73,8 @@ def test_causal_bias_matches_the_builtin(counting, make_bias, lengths, grad):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     # upper-left is is_causal, lower-right a materialised mask (where it differs): both
     # are served; the backward by the same kernel
-    assert counting.forwards == 1 and metal_flash_sdpa.get_dispatch_count() == 1
-    assert counting.backwards == (1 if grad else 0)
+    assert len(counting.forwards) == 1 and metal_flash_sdpa.get_dispatch_count() == 1
+    assert len(counting.backwards) == (1 if grad else 0)
 
 
 @pytest.mark.parametrize("make_bias", [causal_upper_left, causal_lower_right])
@@ -142,7 +120,7 @@ def test_causal_bias_compiled(counting, make_bias):
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     for a, b in zip(our_grads, their_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    assert counting.forwards == 1 and counting.backwards == 1
+    assert len(counting.forwards) == 1 and len(counting.backwards) == 1
 
 
 class Tagged(torch.Tensor):
@@ -156,7 +134,7 @@ def test_subclass_with_default_torch_function_gets_the_builtin(counting):
     theirs = unpatched(lambda: F.scaled_dot_product_attention(tagged, k, v))
     assert type(ours) is type(theirs) is Tagged
     torch.testing.assert_close(ours.as_subclass(torch.Tensor), theirs.as_subclass(torch.Tensor))
-    assert counting.forwards == 0
+    assert len(counting.forwards) == 0
     assert metal_flash_sdpa.fallback_counts() == {rules.TORCH_FUNCTION: 1}
 
 
@@ -178,7 +156,7 @@ def test_torch_function_mode_sees_pytorchs_sdpa(counting):
         theirs = unpatched(lambda: F.scaled_dot_product_attention(q, k, v, scale=0.5))
     assert mode.seen == unpatched_mode.seen == [torch._C._nn.scaled_dot_product_attention]
     torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
-    assert counting.forwards == 0 and metal_flash_sdpa.fallback_counts() == {rules.TORCH_FUNCTION: 1}
+    assert len(counting.forwards) == 0 and metal_flash_sdpa.fallback_counts() == {rules.TORCH_FUNCTION: 1}
 
 
 def test_explain_names_a_causal_bias(reference_cpu):
@@ -244,7 +222,7 @@ def batched_grads_pair(counting, compute, **call):
     q, k, v = rand_qkv(9, 11, grad=True, dtype=call.pop("dtype", torch.float32))
     ours = F.scaled_dot_product_attention(q, k, v, **call)
     theirs = unpatched(lambda: F.scaled_dot_product_attention(q, k, v, **call))
-    assert counting.forwards == 1
+    assert len(counting.forwards) == 1
     return compute(ours, (q, k, v)), compute(theirs, (q, k, v))
 
 
@@ -265,7 +243,7 @@ def test_batched_gradients(counting, call, transform):
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     # the kernel was not asked to batch, and nothing was blocked
-    assert counting.backwards == 0 and not kernels.failed
+    assert len(counting.backwards) == 0 and not kernels.failed
     assert metal_flash_sdpa.fallback_counts() == {}
 
 
@@ -274,7 +252,7 @@ def test_gradcheck_with_batched_grad(counting):
     assert torch.autograd.gradcheck(
         lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), inputs, check_batched_grad=True
     )
-    assert counting.forwards > 0 and counting.backwards > 0 and not kernels.failed
+    assert len(counting.forwards) > 0 and len(counting.backwards) > 0 and not kernels.failed
 
 
 # --- sdpa_kernel -----------------------------------------------------------------------
@@ -297,10 +275,10 @@ def test_sdpa_kernel_selection(counting, selection):
         ours, error = outcome(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
         theirs, their_error = outcome(lambda: unpatched(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)))
     if served:
-        assert reason is None and counting.forwards == 1 and error is None
+        assert reason is None and len(counting.forwards) == 1 and error is None
         torch.testing.assert_close(ours, unpatched(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)))
     else:
-        assert reason == rules.BACKENDS and counting.forwards == 0
+        assert reason == rules.BACKENDS and len(counting.forwards) == 0
         assert metal_flash_sdpa.fallback_counts() == {rules.BACKENDS: 1}
         assert error == their_error  # cudnn on CPU: PyTorch's own "no available kernel"
         if error is None:
@@ -321,11 +299,11 @@ def test_sdpa_kernel_selection_compiled(counting):
         with sdpa_kernel([SDPBackend.MATH]):
             inside = compiled(q, k, v)
         inside_grads = torch.autograd.grad(inside, (q, k, v))
-        assert counting.forwards == 0 and counting.backwards == 0
+        assert len(counting.forwards) == 0 and len(counting.backwards) == 0
         assert metal_flash_sdpa.fallback_counts() == {rules.BACKENDS: 1}
         outside = compiled(q, k, v)
         outside_grads = torch.autograd.grad(outside, (q, k, v))
-        assert counting.forwards == 1 and counting.backwards == 1
+        assert len(counting.forwards) == 1 and len(counting.backwards) == 1
     finally:
         torch._dynamo.reset()
     theirs = unpatched(lambda: loss(q, k, v))
