@@ -15,6 +15,8 @@ forward's O not divided by l on a shortened loop) fail. The work skipped is meas
 the executor's multiply-accumulate counter.
 """
 
+import os
+
 import pytest
 
 import engine_setup  # puts tools/ on sys.path
@@ -84,8 +86,9 @@ def test_non_causal_kernels_are_unchanged(engine):
 
 # The ideal fraction of the non-causal work is one half plus the diagonal blocks. At
 # Sq = Sk = 2048 (fp16, head dim 64, with grad) the three kernels must do at most 56% of the
-# non-causal call's multiply-accumulates (measured: 51.2%; the pair runs in about 23 s).
-MMA_LENGTH = 2048
+# non-causal call's multiply-accumulates (measured: 51.2%; the pair runs in about 23-38 s),
+# at 1024 too (the diagonal's share doubles; CI's length, a quarter of the work).
+MMA_LENGTH = 2048 if os.environ.get("MFA_ENGINE_FULL") == "1" else 1024
 MMA_LIMIT = 0.56
 
 
