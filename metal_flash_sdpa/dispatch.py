@@ -4,8 +4,6 @@ A plain Python function (not a wrapt proxy) so that TorchDynamo inlines it: a pr
 compares equal to the builtin can be taken for the builtin and silently bypassed.
 """
 
-import sys
-
 import torch
 
 from . import counters, ops, rules
@@ -17,6 +15,7 @@ _is_compiling = torch.compiler.is_compiling
 _evaluate = rules.evaluate
 _AUTOCAST = rules.AUTOCAST
 _Tensor = torch.Tensor
+_is_causal_bias = rules.is_causal_bias
 _handle_torch_function = torch.overrides.handle_torch_function
 
 
@@ -55,13 +54,6 @@ def scaled_dot_product_attention(
     if attn_mask is None and is_causal is False and type(dropout_p) is float and dropout_p == 0.0:
         return original(query, key, value)
     return original(query, key, value, attn_mask, dropout_p, is_causal)
-
-
-def _is_causal_bias(mask) -> bool:
-    # no import: torch.nn.attention.bias pulls in torch._dynamo (seconds); a CausalBias
-    # exists only once its module was imported
-    bias = sys.modules.get("torch.nn.attention.bias")
-    return bias is not None and isinstance(mask, bias.CausalBias)
 
 
 def _keywords(scale, enable_gqa) -> dict:

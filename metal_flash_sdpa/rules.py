@@ -135,6 +135,13 @@ def evaluate(q, k, v, mask, dropout_p, causal, scale, gqa):
     return reason, None, False
 
 
+def is_causal_bias(mask) -> bool:
+    """Whether ``mask`` is a torch.nn.attention.bias.CausalBias, without importing that
+    module (it pulls in torch._dynamo, seconds): a CausalBias exists only once it was."""
+    bias = sys.modules.get("torch.nn.attention.bias")
+    return bias is not None and isinstance(mask, bias.CausalBias)
+
+
 def fused_backends_selected() -> bool:
     """Whether torch.nn.attention.sdpa_kernel (or torch.backends.cuda.enable_*_sdp) leaves
     flash or memory-efficient attention, the backends the kernels stand in for, enabled."""
@@ -240,9 +247,7 @@ def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, s
 
     if not patch.is_enabled():
         return "metal_flash_sdpa is not enabled"
-    from .dispatch import _is_causal_bias
-
-    if _is_causal_bias(attn_mask):
+    if is_causal_bias(attn_mask):
         return CAUSAL_BIAS
     reason = evaluate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)[0]
     if reason is AUTOCAST:
