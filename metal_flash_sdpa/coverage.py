@@ -27,9 +27,9 @@ def representative_calls():
     """(label, Call without grad) for every row, in order."""
     rows = [(f"{str(d).replace('torch.', '')}, no mask", _plain(d)) for d in (torch.float32, torch.float16, torch.bfloat16)]
     rows += [(f"float16, head dim {d}", _plain(torch.float16, d)) for d in (32, 128, 256, 384, 100, 512)]
-    # large enough for MFA's 1 GiB scratch limit with a backward, not without
-    huge = Call(torch.float16, 1, 32, 32, 32768, 32768, 128, 128, False, None, False, False)
-    rows.append(("float16, 1 x 32 heads x 32768 tokens, head dim 128", huge))
+    # long context: sliced so that ccv's scratch stays bounded (patch 0011)
+    huge = Call(torch.bfloat16, 1, 32, 8, 131072, 131072, 128, 128, True, None, False, False)
+    rows.append(("bfloat16, 1 x 32 heads (8 KV) x 131072 tokens, head dim 128, causal", huge))
     learned = _plain(torch.float16)._replace(mask="additive", mask_per_head=True, mask_grad=True)
     rows.append(("float16, learned additive bias [1, H, L, S] (requires grad)", learned))
     rows.append(("float16, attention dropout 0.1", _plain(torch.float16)._replace(dropout_p=0.1)))

@@ -104,6 +104,19 @@ long macos_major_once() {
   return major;
 }
 
+// PyTorch's Metal device's largest buffer (maxBufferLength), read once: the scratch of a
+// call's largest slice must fit in one (mfa_params.hpp, check_scratch).
+uint64_t max_buffer_length() {
+  static const uint64_t length = [] {
+    @autoreleasepool {
+      id<MTLDevice> device = at::mps::MPSDevice::getInstance()->device();
+      TORCH_CHECK(device != nil, "metal_flash_sdpa: no Metal device");
+      return uint64_t(device.maxBufferLength);
+    }
+  }();
+  return length;
+}
+
 // ccv's v2 shader cache keeps one pipeline per (R, C, batch, strides, ...) for ever: the
 // kernels take those as function constants, so every new sequence length makes a pipeline
 // (the compiled library, per head dim, heads, dtype and scale, is shared). We bound it
@@ -162,14 +175,16 @@ struct Bindings {
 
 // Encodes on PyTorch's current MPS stream, in its serial queue, into its shared compute
 // encoder, as PyTorch's own custom-kernel example does (test/cpp_extensions/mps_extension.mm).
-// Kernels and pipelines are built before (prepare), so the encode only reads ccv's caches.
-// Nothing is committed here: PyTorch commits the command buffer when its own ops would.
+// A long call is several ccv calls on slices of its batches or heads, one after another
+// on ccv's one scratch (mfa_params.hpp, launches; patch 0011). Kernels and pipelines are
+// built before (prepare), so the encode only reads ccv's caches. Nothing is committed
+// here: PyTorch commits the command buffer when its own ops would.
 void encode(const mfa_sdpa::Shape& s, mfa_sdpa::DType dtype, float scale, bool backward, bool causal,
             const std::optional<mfa_sdpa::MaskStrides>& mask, Bindings& bindings) {
   const std::string bad_scale = mfa_sdpa::check_scale(scale);
   TORCH_CHECK(bad_scale.empty(), "metal_flash_sdpa: MFA refuses this call: ", bad_scale);
-  const ccv_nnc_mfa_attention_params_t params =
-      mfa_sdpa::make_params(s, dtype, scale, backward, causal, mask ? &*mask : nullptr);
+  const std::vector<mfa_sdpa::Launch> launches =
+      mfa_sdpa::launches(s, dtype, scale, backward, causal, mask ? &*mask : nullptr);
   std::lock_guard<std::mutex> lock(g_mutex);
   ccv_nnc_mfa_context_t* context = context_locked();
   TORCH_CHECK(ccv_nnc_mfa_context_supported(context),
@@ -182,12 +197,18 @@ void encode(const mfa_sdpa::Shape& s, mfa_sdpa::DType dtype, float scale, bool b
                        {s.B, s.R, s.C, s.Hq, s.Hk, s.D, int(dtype), backward, scale, causal, m.batch, m.head, m.row});
   // Held from before prepare, which grows the scratch (as the engine's driver does).
   const mfa_sdpa::ScratchKeeper scratch(context);
-  ccv_call("building the MFA kernels", [&] { ccv_nnc_mfa_prepare_attention(context, params); });
+  ccv_call("building the MFA kernels", [&] {
+    for (const mfa_sdpa::Launch& launch : launches) ccv_nnc_mfa_prepare_attention(context, launch.params);
+  });
   on_stream(stream, "encoding the MFA kernels", [&] {
     id<MTLComputeCommandEncoder> encoder = stream->commandEncoder();
     // The command buffer is PyTorch's: ccv only encodes into the borrowed encoder.
     MTL::CommandBatch batch(nullptr, (__bridge MTL::ComputeCommandEncoder*)encoder);
-    ccv_nnc_mfa_encode_attention(context, params, &batch, bindings.buffers, bindings.offsets);
+    for (const mfa_sdpa::Launch& launch : launches) {
+      size_t offsets[mfa_sdpa::kBackwardBuffers];
+      for (int i = 0; i < mfa_sdpa::kBackwardBuffers; ++i) offsets[i] = bindings.offsets[i] + launch.offsets[i];
+      ccv_nnc_mfa_encode_attention(context, launch.params, &batch, bindings.buffers, offsets);
+    }
     if (NS::SharedPtr<MTL::Buffer> replaced = scratch.replaced()) {
       keep_until_completed(stream, (__bridge id<MTLBuffer>)replaced.get());
     }
@@ -260,7 +281,8 @@ mfa_sdpa::Shape check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Te
   strides = check_mask(mask, q, s);
   const std::string too_old = mfa_sdpa::check_macos(macos_major_once());
   TORCH_CHECK(too_old.empty(), "metal_flash_sdpa: MFA refuses this call: ", too_old);
-  const std::string refused = mfa_sdpa::check_limits(s, dtype_of(dtype), backward, strides ? &*strides : nullptr);
+  std::string refused = mfa_sdpa::check_limits(s, dtype_of(dtype), backward, strides ? &*strides : nullptr);
+  if (refused.empty()) refused = mfa_sdpa::check_scratch(s, dtype_of(dtype), backward, max_buffer_length());
   TORCH_CHECK(refused.empty(), "metal_flash_sdpa: MFA refuses this call: ", refused);
   return s;
 }
@@ -381,6 +403,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("device_supported", &device_supported, py::call_guard<py::gil_scoped_release>());
   m.def("device_info", &device_info,
         "{gpu, macos_version (NSProcessInfo's), macos_build, async_copies (the probe's decision), metal_language}");
+  m.def("max_buffer_length", &max_buffer_length, "the Metal device's maxBufferLength in bytes",
+        py::call_guard<py::gil_scoped_release>());
   m.def("macos_major", &macos_major_once, "macOS major version; NSProcessInfo's compatibility reading 16 as 26",
         py::call_guard<py::gil_scoped_release>());
   m.attr("CCV_COMMIT") = "85efcf823fdb459559f21726703b863da2b378f2";

@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "ccv_nnc_mfa.hpp"
 
@@ -29,10 +30,21 @@ enum ForwardBuffer { kFwdQ, kFwdK, kFwdV, kFwdO, kFwdMask, kFwdLSE, kForwardBuff
 // The attention mask: the forward's own slot; after dV in the backward (our patch 0008).
 enum BackwardBuffer { kBwdQ, kBwdK, kBwdV, kBwdO, kBwdLSE, kBwdDO, kBwdDQ, kBwdDK, kBwdDV, kBwdMask, kBackwardBuffers };
 
-// ccv's scratch request rounds the size up with `1 << n` on an int
-// (ccv_nnc_mfa.cpp, mfa::context::request_scratch), and the encode sums it in an int:
-// more than 2^30 bytes wraps.
-constexpr std::uint64_t kMaxScratchBytes = std::uint64_t(1) << 30;
+// The most scratch one slice of a call uses when the call is split (plan_slices): ccv's
+// scratch grows with B x H x L x D (fp32 copies of half outputs), so a long-context call
+// runs as slices of batches or heads, one after another on the same scratch. Small enough
+// that a forward's scratch plus its backward's (both alive until PyTorch's command buffer
+// completes) stay under 512 MiB at 128k tokens with 32 heads, 8 KV heads, D = 128; large
+// enough that calls up to a few thousand tokens run as one.
+constexpr std::uint64_t kScratchBudget = std::uint64_t(64) << 20;
+// request_scratch (patch 0011) allocates whole MiB beyond 1 MiB, powers of two below.
+inline std::uint64_t scratch_allocation(std::uint64_t bytes) {
+  constexpr std::uint64_t mib = std::uint64_t(1) << 20;
+  if (bytes > mib) return (bytes + mib - 1) / mib * mib;
+  std::uint64_t rounded = 1;
+  while (rounded < bytes) rounded <<= 1;
+  return rounded;
+}
 // Leading dimensions (H * D) are unsigned short in AttentionKernelDescriptor.
 constexpr std::int64_t kMaxLeadingDimension = 0xFFFF;
 // Offsets are 32-bit element counts: ccv keeps batch strides (S*H*D) in uint32, and the
@@ -105,16 +117,80 @@ inline std::string check_limits(const Shape& s, DType dtype, bool backward, cons
   // The kernels offset the mask by uint products of strides and indices (patch 0008).
   if (mask && mask_span(s, *mask) > kMaxElements)
     return "a mask spanning 2^32 or more elements exceeds MFA's 32-bit offsets";
-  if (scratch_bytes(s, dtype, backward) > kMaxScratchBytes)
-    return "call needs " + std::to_string(scratch_bytes(s, dtype, backward)) + " bytes of MFA scratch (limit 2^30)";
   return "";
+}
+
+// A part of a call encoded as one ccv call (patch 0011): batches [b0, b0 + nb) with all
+// their heads, or, in one batch (nb == 1), query heads [q0, q0 + nq) with key/value heads
+// [k0, k0 + nk), whole GQA groups (nq = nk x group) or, in the forward only, part of one
+// group (nk == 1).
+struct Slice {
+  std::int64_t b0, nb, q0, nq, k0, nk;
+};
+
+inline Shape slice_shape(const Shape& s, const Slice& p) { return {p.nb, s.R, s.C, p.nq, p.nk, s.D}; }
+
+// `total` units in runs of at most `most` (>= 1), as even as the count allows.
+inline std::vector<std::pair<std::int64_t, std::int64_t>> runs(std::int64_t total, std::int64_t most) {
+  const std::int64_t count = (total + most - 1) / most, size = (total + count - 1) / count;
+  std::vector<std::pair<std::int64_t, std::int64_t>> out;
+  for (std::int64_t first = 0; first < total; first += size) out.emplace_back(first, std::min(size, total - first));
+  return out;
+}
+
+// The slices a call runs as: one when its scratch fits `budget`; else whole batches; else,
+// batch by batch, runs of heads, down to one KV group (the backward sums dK and dV over
+// the group inside the kernel) or, in the forward, one query head. A smallest slice may
+// need more than the budget: the limit then is the device's largest buffer (check_scratch).
+inline std::vector<Slice> plan_slices(const Shape& s, DType dtype, bool backward, std::uint64_t budget = kScratchBudget) {
+  std::vector<Slice> out;
+  auto fit = [&](std::uint64_t unit) { return std::int64_t(unit == 0 ? INT64_MAX : std::max<std::uint64_t>(1, budget / unit)); };
+  const std::uint64_t per_batch = scratch_bytes({1, s.R, s.C, s.Hq, s.Hk, s.D}, dtype, backward);
+  if (per_batch <= budget) {
+    for (auto [b0, nb] : runs(s.B, std::min(s.B, fit(per_batch)))) out.push_back({b0, nb, 0, s.Hq, 0, s.Hk});
+    return out;
+  }
+  const std::int64_t group = s.Hq / s.Hk;
+  const std::int64_t groups = fit(scratch_bytes({1, s.R, s.C, group, 1, s.D}, dtype, backward));
+  const std::int64_t heads = fit(scratch_bytes({1, s.R, s.C, 1, 1, s.D}, dtype, backward));
+  for (std::int64_t b = 0; b < s.B; ++b) {
+    if (backward || heads >= group) {
+      for (auto [k0, nk] : runs(s.Hk, std::min(s.Hk, groups))) out.push_back({b, 1, k0 * group, nk * group, k0, nk});
+      continue;
+    }
+    std::int64_t part = heads;  // query heads within one group: a divisor of it
+    while (group % part != 0) --part;
+    for (std::int64_t q0 = 0; q0 < s.Hq; q0 += part) out.push_back({b, 1, q0, part, q0 / group, 1});
+  }
+  return out;
+}
+
+// The largest scratch allocation the call's slices make (what check_scratch bounds).
+inline std::uint64_t slice_scratch_allocation(const Shape& s, DType dtype, bool backward,
+                                              std::uint64_t budget = kScratchBudget) {
+  std::uint64_t most = 0;
+  for (const Slice& p : plan_slices(s, dtype, backward, budget))
+    most = std::max(most, scratch_allocation(scratch_bytes(slice_shape(s, p), dtype, backward)));
+  return most;
+}
+
+// Empty when every slice's scratch fits in one buffer of the device, else why not.
+inline std::string check_scratch(const Shape& s, DType dtype, bool backward, std::uint64_t max_buffer_bytes,
+                                 std::uint64_t budget = kScratchBudget) {
+  const std::uint64_t most = slice_scratch_allocation(s, dtype, backward, budget);
+  if (most <= max_buffer_bytes) return "";
+  return "its smallest slice needs " + std::to_string(most) + " bytes of MFA scratch, beyond this device's largest buffer (" +
+         std::to_string(max_buffer_bytes) + " bytes)";
 }
 
 // ccv's params for the forward (backward = false) or the backward (dQ, then dK/dV);
 // causal: torch's is_causal, top-left (query i attends keys j <= i; our patch 0007);
 // mask: an additive mask's strides, or none (our patch 0008).
+// tensor_heads: the query and key/value heads of the tensors a head slice is part of
+// (patch 0011); {0, 0} for a call on whole tensors.
 inline ccv_nnc_mfa_attention_params_t make_params(const Shape& s, DType dtype, float scale, bool backward, bool causal,
-                                                  const MaskStrides* mask = nullptr) {
+                                                  const MaskStrides* mask = nullptr,
+                                                  std::pair<std::int64_t, std::int64_t> tensor_heads = {0, 0}) {
   ccv_nnc_mfa_attention_params_t p;
   std::memset(&p, 0, sizeof(p));  // also: no transposes, no mask, batch_dims_mask empty
   p.data_type = mtl_data_type(dtype);
@@ -138,7 +214,47 @@ inline ccv_nnc_mfa_attention_params_t make_params(const Shape& s, DType dtype, f
   // batch_dims_q is zero-terminated; one entry of B is the whole batch.
   p.batched = s.B > 1 ? 1 : 0;
   if (s.B > 1) p.batch_dims_q[0] = std::uint32_t(s.B);
+  if (tensor_heads.first != s.Hq || tensor_heads.second != s.Hk) {
+    p.Hq_tensor = std::uint32_t(tensor_heads.first);
+    p.Hk_tensor = std::uint32_t(tensor_heads.second);
+  }
   return p;
+}
+
+// One ccv call of a sliced call: its params, and how far (in bytes) each buffer of ccv's
+// order (ForwardBuffer or BackwardBuffer) moves to the slice's first element.
+struct Launch {
+  ccv_nnc_mfa_attention_params_t params;
+  std::uint64_t offsets[kBackwardBuffers];
+};
+
+// Every ccv call the bridge (and the engine's driver) encodes for one SDPA call, in order.
+inline std::vector<Launch> launches(const Shape& s, DType dtype, float scale, bool backward, bool causal,
+                                    const MaskStrides* mask = nullptr, std::uint64_t budget = kScratchBudget) {
+  const std::uint64_t es = is_half(dtype) ? 2 : 4;  // q's dtype; masks are additive in it
+  std::vector<Launch> out;
+  for (const Slice& p : plan_slices(s, dtype, backward, budget)) {
+    Launch launch{make_params(slice_shape(s, p), dtype, scale, backward, causal, mask, {s.Hq, s.Hk}), {}};
+    // [B, R, Hq, D] and [B, C, Hk, D] tensors, LSE [B, Hq, R] in fp32
+    const std::uint64_t q = es * std::uint64_t((p.b0 * s.R * s.Hq + p.q0) * s.D);
+    const std::uint64_t kv = es * std::uint64_t((p.b0 * s.C * s.Hk + p.k0) * s.D);
+    const std::uint64_t lse = 4 * std::uint64_t((p.b0 * s.Hq + p.q0) * s.R);
+    const std::uint64_t m = mask ? es * std::uint64_t(p.b0 * mask->batch + p.q0 * mask->head) : 0;
+    std::uint64_t* o = launch.offsets;
+    if (backward) {
+      o[kBwdQ] = o[kBwdO] = o[kBwdDO] = o[kBwdDQ] = q;
+      o[kBwdK] = o[kBwdV] = o[kBwdDK] = o[kBwdDV] = kv;
+      o[kBwdLSE] = lse;
+      o[kBwdMask] = m;
+    } else {
+      o[kFwdQ] = o[kFwdO] = q;
+      o[kFwdK] = o[kFwdV] = kv;
+      o[kFwdLSE] = lse;
+      o[kFwdMask] = m;
+    }
+    out.push_back(launch);
+  }
+  return out;
 }
 
 }  // namespace mfa_sdpa

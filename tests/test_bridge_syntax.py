@@ -79,7 +79,7 @@ def test_bridge_compiles(checked):
 PLANTED = [
     ("a Metal message Metal does not have", "addCompletedHandler:", "addCompletionHandler:", None),
     ("a missing ARC bridge cast", "(__bridge MTL::Buffer*)buffer_of(t)", "(MTL::Buffer*)buffer_of(t)", None),
-    ("a wrong ccv signature", "&batch, bindings.buffers, bindings.offsets)", "&batch, bindings.buffers)", None),
+    ("a wrong ccv signature", "&batch, bindings.buffers, offsets)", "&batch, bindings.buffers)", None),
     ("a torch MPS API that does not exist", "stream->commandEncoder()", "stream->computeEncoder()", None),
     ("a block writing a variable not __block", "__block std::string failure;", "std::string failure;", "failure = failure_of(*run);"),
 ]

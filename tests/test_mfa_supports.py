@@ -9,9 +9,19 @@ import pytest
 import torch
 
 from metal_flash_sdpa.kernels.base import Call
-from metal_flash_sdpa.kernels.mfa import MAX_SCRATCH_BYTES, MFAKernel, scratch_bytes
+from metal_flash_sdpa.kernels.mfa import MFAKernel, scratch_allocation, scratch_bytes, smallest_slice_scratch
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+# The engine's stand-in device's maxBufferLength (tools/engine/encode.py MAX_BUFFER_LENGTH),
+# which the bridge would read on a Mac.
+STAND_IN_MAX_BUFFER_LENGTH = 1 << 34
+
+
+def kernel():
+    """MFAKernel as loaded on the stand-in device."""
+    k = MFAKernel()
+    k.max_buffer_length = STAND_IN_MAX_BUFFER_LENGTH
+    return k
 
 
 def call(**changes):
@@ -56,6 +66,12 @@ ACCEPTED = {
     # attn_mask (patch 0008), bool or additive, shared or per head, forward and backward
     "additive mask": call(mask="additive"),
     "bool mask with grad": call(mask="bool", needs_grad=True),
+    # long context (patch 0011): sliced, whatever ccv's unsliced scratch would be
+    "64k tokens, 32 heads, with grad": call(q_len=65536, kv_len=65536, q_heads=32, kv_heads=32, head_dim=128, value_dim=128, needs_grad=True),
+    "128k tokens, GQA 32:8, bf16, causal, with grad": call(
+        dtype=torch.bfloat16, batch=1, q_len=131072, kv_len=131072, q_heads=32, kv_heads=8, head_dim=128, value_dim=128,
+        causal=True, needs_grad=True,
+    ),
     "per-head mask with grad, gqa": call(mask="additive", mask_per_head=True, kv_heads=2, needs_grad=True),
     "mask bf16 cross attention": call(mask="bool", dtype=torch.bfloat16, q_len=300, kv_len=1000, needs_grad=True),
     "scale 4, causal": call(scale=4.0, causal=True, needs_grad=True),
@@ -72,7 +88,6 @@ REFUSED = {
     "empty query": (call(q_len=0), "empty"),
     "empty keys": (call(kv_len=0), "empty"),
     "too many heads": (call(q_heads=70000, kv_heads=70000, q_len=1, kv_len=1), "16-bit leading dimension"),
-    "scratch too large": (call(q_len=65536, kv_len=65536, q_heads=32, kv_heads=32, head_dim=128, value_dim=128), "scratch"),
     # patch 0010: positive finite scales from 2**-32 to 2**32 (tests/test_engine_scale.py)
     "scale 0": (call(scale=0.0), "scale 0.0 outside"),
     "negative scale": (call(scale=-0.125), "scale -0.125 outside"),
@@ -107,13 +122,12 @@ BOUNDARIES = {
         edge(mask="additive", mask_per_head=True, q_len=2**16, kv_len=2**16),
         "32-bit offsets",
     ),
-    "fp32 backward scratch": (edge(needs_grad=True, q_len=2**28), edge(needs_grad=True, q_len=2**28 + 1), "scratch"),
-    "fp16 forward scratch": (edge(dtype=torch.float16, q_len=2**25), edge(dtype=torch.float16, q_len=2**25 + 1), "scratch"),
-    # 36 * q_len + 64 bytes: fp32 dQ, dK, dV at head dim 8 and the D term
-    "fp16 backward scratch": (
-        edge(dtype=torch.float16, needs_grad=True, q_len=29826160),
-        edge(dtype=torch.float16, needs_grad=True, q_len=29826161),
-        "scratch",
+    # one query row and 2**31 - 1 keys (dK, dV: 64 bytes a key): the smallest slice's scratch
+    # at the stand-in device's largest buffer (2**34 bytes) and just beyond
+    "smallest slice beyond the largest buffer": (
+        edge(dtype=torch.float16, needs_grad=True, kv_len=(2**34 - 36) // 64),
+        edge(dtype=torch.float16, needs_grad=True, kv_len=(2**34 - 36) // 64 + 1),
+        "largest buffer",
     ),
 }
 
@@ -121,8 +135,8 @@ BOUNDARIES = {
 @pytest.mark.parametrize("name", sorted(BOUNDARIES))
 def test_limits_at_both_sides(name):
     accepted, refused, words = BOUNDARIES[name]
-    assert MFAKernel().supports(accepted) is None
-    reason = MFAKernel().supports(refused)
+    assert kernel().supports(accepted) is None
+    reason = kernel().supports(refused)
     assert isinstance(reason, str) and words in reason, reason
 
 
@@ -168,13 +182,13 @@ def test_bridge_check_limits_agrees(engine, name):
 
 @pytest.mark.parametrize("name", sorted(ACCEPTED))
 def test_accepts(name):
-    assert MFAKernel().supports(ACCEPTED[name]) is None
+    assert kernel().supports(ACCEPTED[name]) is None
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED))
 def test_refuses_with_reason(name):
     the_call, fragment = REFUSED[name]
-    reason = MFAKernel().supports(the_call)
+    reason = kernel().supports(the_call)
     assert isinstance(reason, str) and fragment in reason, reason
 
 
@@ -197,8 +211,22 @@ def test_scratch_counts_backward_only_with_grad():
     assert scratch_bytes(fp16._replace(needs_grad=True)) == 4 * (4096 + 2 * 4096) * 2 * 8 * 64 + 4 * 4096 * 2 * 8
     assert scratch_bytes(call(dtype=torch.float32)) == 0
     assert scratch_bytes(call(dtype=torch.float32, needs_grad=True)) == 4 * 1024 * 2 * 8
-    # the D term alone reaches the limit at BOUNDARIES["fp32 backward scratch"]
-    assert scratch_bytes(BOUNDARIES["fp32 backward scratch"][0]) == MAX_SCRATCH_BYTES
+
+
+def test_the_smallest_slice_is_one_group_or_one_query_head():
+    """What must fit in one device buffer (native/mfa_params.hpp plan_slices): the backward
+    of one batch's one KV group, or the forward of one query head; allocated in whole MiB
+    beyond 1 MiB, powers of two below (patch 0011)."""
+    long = call(batch=4, q_heads=32, kv_heads=8, q_len=131072, kv_len=131072, head_dim=128, value_dim=128)
+    assert smallest_slice_scratch(long) == 4 * 131072 * 128  # one query head's fp32 O: 64 MiB
+    group = 4 * (131072 * 4 + 2 * 131072) * 128 + 4 * 131072 * 4
+    assert smallest_slice_scratch(long._replace(needs_grad=True)) == -(-group // 2**20) * 2**20
+    assert [scratch_allocation(n) for n in (0, 1, 3, 65536, 2**20, 2**20 + 1)] == [1, 1, 4, 65536, 2**20, 2**21]
+    small = kernel()
+    small.max_buffer_length = 2**26  # below one group's scratch, above one head's
+    assert small.supports(long) is None
+    assert "largest buffer" in small.supports(long._replace(needs_grad=True))
+    assert MFAKernel().supports(long._replace(needs_grad=True)) is None  # off a Mac: no device to ask
 
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="the Linux answer")

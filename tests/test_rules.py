@@ -95,6 +95,12 @@ RULES = [
 ]
 
 
+# Failing calls PyTorch's CPU SDPA answers without checking them, with values that depend on
+# memory outside the inputs (keys shorter than values: its flash kernel reads past the
+# keys), so two calls of the builtin itself can differ.
+UNDEFINED_BY_PYTORCH = {"key and value lengths differ"}
+
+
 @pytest.mark.parametrize("reason, passing, failing", RULES, ids=[r[0] + f"#{i}" for i, r in enumerate(RULES)])
 def test_rule_both_ways(reference_cpu, reason, passing, failing):
     metal_flash_sdpa.MIN_SEQ_LEN = 16
@@ -114,8 +120,9 @@ def test_rule_both_ways(reference_cpu, reason, passing, failing):
     else:
         torch.manual_seed(0)
         got = F.scaled_dot_product_attention(**bad)
-        if bad.get("dropout_p", 0) == 0:
+        if bad.get("dropout_p", 0) == 0 and reason not in UNDEFINED_BY_PYTORCH:
             torch.testing.assert_close(got, expected, atol=0, rtol=0)
+        assert got.shape == expected.shape
     assert metal_flash_sdpa.get_dispatch_count() == 0
     assert metal_flash_sdpa.fallback_counts().get(reason) == 1
 

@@ -27,6 +27,17 @@ exceptions its threads raised: invalid, divide_by_zero, overflow), "seconds"}. E
 value no kernel wrote (NaN, max_abs null) or a kernel fault (a guard page hit, divergence,
 a missing binding: "error" instead of the figures); 2 refused; 3 engine failure.
 
+  python tools/mfa_engine.py plan CALL-FLAGS
+
+records the call without executing it and prints one JSON line: "kernels" (the kernels'
+names in the order first launched), "dispatches", "threadgroup_bytes" (the most one
+dispatch uses), "slices" (ccv calls per pass: forward, backward) and "extra_bytes": the
+peak bytes of device buffers the call allocates beyond the user's tensors (q, k, v, out,
+LSE, and with --grad dO, dQ, dK, dV), which is ccv's scratch (the bridge allocates nothing
+else): a long call runs as slices of batches or heads whose scratch stays under the
+budget (native/mfa_params.hpp, plan_slices; --scratch-budget lowers it). Exit codes as
+`source`.
+
 --mask runs with an attn_mask (tools/engine/masks.py: padding, rows without keys, per-head
 holes; additive: ALiBi-like biases, rows masked with -inf and with finfo.min) shaped
 --mask-shape: [R, C], [B, 1, R, C] (default), [B, H, R, C], or [B, 1, 1, C] broadcast over
@@ -69,6 +80,9 @@ def call_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--macos", type=int, default=26, help="the modelled macOS (its compiler)")
     parser.add_argument("--os-reports", default=None, help="what NSProcessInfo reports, MAJOR[.MINOR[.PATCH]] (default: --macos)")
     parser.add_argument("--scale", type=float, default=None, help="SDPA's scale (default 1/sqrt(head dim); 0 is refused, not defaulted)")
+    parser.add_argument(
+        "--scratch-budget", type=int, default=None, help="bytes of scratch one slice of the call may use (default: the bridge's, 64 MiB)"
+    )
 
 
 def to_call(args) -> encode.Call:
@@ -80,6 +94,25 @@ def cmd_source(args) -> int:
     for kernel in record.kernels():
         sys.stdout.write(f"// kernel: {kernel.name}\n{kernel.options_line()}\n{kernel.source}\n")
     return 0
+
+
+def cmd_plan(args) -> int:
+    print(json.dumps(plan(encode.encode(to_call(args)))))
+    return 0
+
+
+def plan(record: encode.Record) -> dict:
+    """What a call launches and allocates, from its record (no execution)."""
+    dispatches = record.dispatches
+    attention = [d for d in dispatches if record.raw["pipelines"][d["pipeline"]]["function"] == "attention"]
+    backward = sum(1 for d in attention if record.kernel_of(d).startswith("attention_backward_key_value"))
+    return {
+        "kernels": [kernel.name for kernel in record.kernels()],
+        "dispatches": len(dispatches),
+        "threadgroup_bytes": max((sum(d["threadgroup_memory"].values()) for d in dispatches), default=0),
+        "slices": {"forward": len(attention) - 2 * backward, "backward": backward},
+        "extra_bytes": record.raw["scratch_peak"],
+    }
 
 
 def cmd_run(args) -> int:
@@ -106,6 +139,9 @@ def main(argv=None) -> int:
     run.add_argument("--offset", type=int, default=0, help="every tensor starts this many bytes into its buffer")
     run.add_argument("--schedule", choices=metal.SCHEDULES, default="round_robin", help="the order ready Metal threads run in")
     run.set_defaults(run=cmd_run)
+    plan_parser = commands.add_parser("plan", help="what the call launches and allocates, without executing it (JSON line)")
+    call_arguments(plan_parser)
+    plan_parser.set_defaults(run=cmd_plan)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

@@ -19,7 +19,11 @@ executor (``tools/engine``; ``verified_rung``):
   PyTorch), not together with ``is_causal`` (PyTorch raises for that);
 - heads x head dim under 65536 and tensors (masks included) under 2**32 elements (16-bit
   leading dimensions, 32-bit offsets: ccv would compute wrong results beyond, silently);
-- a call whose fp32 scratch would pass 1 GiB (ccv's scratch sizing breaks beyond it);
+- any length whose tensors fit: ccv's fp32 scratch (copies of half outputs, the backward's
+  D term) grows with B x H x L x D, so a long call runs as slices of batches or heads,
+  each with at most 64 MiB of scratch (patch 0011, native/mfa_params.hpp plan_slices);
+  refused only if one smallest slice (one batch's one KV group with its query heads)
+  needs more than the device's largest buffer (``max_buffer_length``, from the bridge);
 - ``scale`` from 2**-32 to 2**32 (patch 0010: the keys a kernel excludes keep a finite,
   far negative score at every served scale; <= 0 and non-finite scales are refused);
 - macOS 14 or later: the kernels compile as Metal 3.1, the first with ``bfloat`` (patch
@@ -47,9 +51,6 @@ from .base import Call, Kernel
 
 NATIVE_MODULE = "metal_flash_sdpa._mfa_native"
 
-# ccv's scratch request rounds the size up with an int shift (ccv_nnc_mfa.cpp,
-# mfa::context::request_scratch), so more than 2**30 bytes is out of reach.
-MAX_SCRATCH_BYTES = 1 << 30
 # ccv keeps leading dimensions (heads x head dim) in unsigned short
 # (ccv_nnc_mfa_attention.cpp, v2/AttentionKernelDescriptor.hpp).
 MAX_LEADING_DIMENSION = (1 << 16) - 1
@@ -82,15 +83,32 @@ def _load_native():
 
 
 def scratch_bytes(call: Call) -> int:
-    """Bytes of ccv's shared scratch buffer the call needs (forward, or backward if
-    ``call.needs_grad``): fp32 copies of 16-bit outputs before their cast, and the
-    backward's fp32 D term (as ``scratch_bytes`` in native/mfa_params.hpp)."""
+    """Bytes of ccv's shared scratch buffer the call would need unsliced (forward, or
+    backward if ``call.needs_grad``): fp32 copies of 16-bit outputs before their cast, and
+    the backward's fp32 D term (as ``scratch_bytes`` in native/mfa_params.hpp)."""
     cast = call.dtype != torch.float32
     q_rows, kv_rows = call.batch * call.q_heads * call.q_len, call.batch * call.kv_heads * call.kv_len
     forward = 4 * q_rows * call.head_dim if cast else 0
     if not call.needs_grad:
         return forward
     return max(forward, (4 * (q_rows + 2 * kv_rows) * call.head_dim if cast else 0) + 4 * q_rows)
+
+
+def smallest_slice_scratch(call: Call) -> int:
+    """Bytes ccv allocates for the smallest slice the call can run as (one batch's one KV
+    group; native/mfa_params.hpp plan_slices): what must fit in one device buffer."""
+    group = call.q_heads // call.kv_heads if call.kv_heads else call.q_heads
+    one = call._replace(batch=1, q_heads=group, kv_heads=1)
+    if not call.needs_grad:  # a forward slices down to one query head
+        one = one._replace(q_heads=1)
+    return scratch_allocation(scratch_bytes(one))
+
+
+def scratch_allocation(size: int) -> int:
+    """What ccv allocates for ``size`` bytes of scratch (patch 0011: whole MiB beyond 1 MiB,
+    powers of two below; scratch_allocation in native/mfa_params.hpp)."""
+    mib = 1 << 20
+    return -(-size // mib) * mib if size > mib else 1 << max(size - 1, 0).bit_length()
 
 
 class MFAKernel(Kernel):
@@ -143,6 +161,9 @@ class MFAKernel(Kernel):
     # NSProcessInfo's 16.x, what processes linked against an older SDK are told on macOS
     # 26, reads as 26); None until then, and off a Mac.
     macos_major: Optional[int] = None
+    # The device's maxBufferLength in bytes, as the bridge reports it when it loads; None
+    # until then, and off a Mac.
+    max_buffer_length: Optional[int] = None
 
     def available(self) -> Optional[str]:
         if sys.platform != "darwin":
@@ -153,6 +174,7 @@ class MFAKernel(Kernel):
         if native is None:
             return _native_error
         self.macos_major = int(native.macos_major())
+        self.max_buffer_length = int(native.max_buffer_length())
         if not torch.backends.mps.is_available():
             return "torch.backends.mps.is_available() is False"
         return None
@@ -183,8 +205,11 @@ class MFAKernel(Kernel):
         mask_elements = call.batch * (call.q_heads if call.mask_per_head else 1) * call.q_len * call.kv_len
         if call.mask is not None and mask_elements > MAX_ELEMENTS:
             return f"an attn_mask of up to {mask_elements} elements beyond the 32-bit offsets of {self.name}"
-        if scratch_bytes(call) > MAX_SCRATCH_BYTES:
-            return f"call needs more than {MAX_SCRATCH_BYTES >> 30} GiB of {self.name} scratch"
+        if self.max_buffer_length is not None and smallest_slice_scratch(call) > self.max_buffer_length:
+            return (
+                f"its smallest slice needs {smallest_slice_scratch(call)} bytes of {self.name} scratch, "
+                f"beyond this device's largest buffer ({self.max_buffer_length} bytes)"
+            )
         return None
 
     def machine(self, device) -> dict:

@@ -8,7 +8,7 @@
 //          [--grad] [--causal] [--mask-strides B,H,ROW] [--gpu apple7|apple9] [--macos N] [--scale S]
 //          [--os-reports V] [--offset BYTES]
 //          [--async-copies auto|on|off] [--fault empty-library|nil-pipeline|no-memory]
-//          [--no-prepare] [--same-command-buffer] [--no-keep-scratch]
+//          [--no-prepare] [--same-command-buffer] [--no-keep-scratch] [--scratch-budget BYTES]
 //   driver --compile-source FILE [--language X.Y|none] [--macos N]
 //
 // --compile-source: only compile FILE's Metal source on the modelled compiler, with the
@@ -29,6 +29,10 @@
 // that a dispatch of a command buffer not yet completed binds, and the run fails (exit 3).
 // The bridge keeps the scratch ccv replaces during a call until the command buffer
 // completes (native/mfa_scratch.hpp); --no-keep-scratch does not, as the bridge did before.
+//
+// --scratch-budget: the most scratch a slice of the call may use (mfa_params.hpp,
+// plan_slices; the bridge's is kScratchBudget), lowered by tests so that calls the CPU
+// can execute run as slices.
 //
 // --mask-strides: an additive attention mask in the call's dtype, with these strides in
 // elements (batch, query head, query row; 0 where it broadcasts), in a buffer "mask" of
@@ -66,6 +70,7 @@ struct Options {
   bool prepare = true;
   bool same_command_buffer = false;
   bool keep_scratch = true;
+  std::uint64_t scratch_budget = mfa_sdpa::kScratchBudget;
   std::string compile_source;      // --compile-source FILE
   std::string language = "none";  // with it: X.Y or none
 };
@@ -106,6 +111,9 @@ Options parse(int argc, char** argv) {
       o.same_command_buffer = true;
     } else if (a == "--no-keep-scratch") {
       o.keep_scratch = false;
+    } else if (a == "--scratch-budget") {
+      o.scratch_budget = std::strtoull(value().c_str(), nullptr, 10);
+      if (o.scratch_budget == 0) usage("--scratch-budget takes a positive byte count");
     } else if (a == "--no-prepare") {
       o.prepare = false;
     } else if (a == "--dtype") {
@@ -242,23 +250,27 @@ struct CommandBuffer {
   }
 };
 
-void encode(bool prepare, ccv_nnc_mfa_context_t* context, const ccv_nnc_mfa_attention_params_t& params, Tensor* tensors,
+// Every slice of the call (mfa_params.hpp, launches), one after another, as the bridge
+// encodes them.
+void encode(bool prepare, ccv_nnc_mfa_context_t* context, const std::vector<mfa_sdpa::Launch>& launches, Tensor* tensors,
             int count, CommandBuffer& command_buffer) {
-  MTL::Buffer* buffers[mfa_sdpa::kBackwardBuffers] = {};
-  std::size_t offsets[mfa_sdpa::kBackwardBuffers] = {};
-  for (int i = 0; i < count; ++i) {
-    buffers[i] = tensors[i].buffer;
-    offsets[i] = tensors[i].offset;
-  }
   MTL::ComputeCommandEncoder encoder;
   MTL::CommandBatch batch(nullptr, &encoder);  // the bridge's borrowed-encoder batch
-  const Call call{prepare, context, params, &batch, buffers, offsets};
   const mfa_sdpa::ScratchKeeper scratch(context);  // as the bridge: before prepare
-  try {
-    prepare_and_encode(call);
-  } catch (const std::exception& raised) {
-    check_recovery(call, raised);
-    throw;
+  for (const mfa_sdpa::Launch& launch : launches) {
+    MTL::Buffer* buffers[mfa_sdpa::kBackwardBuffers] = {};
+    std::size_t offsets[mfa_sdpa::kBackwardBuffers] = {};
+    for (int i = 0; i < count; ++i) {
+      buffers[i] = tensors[i].buffer;
+      offsets[i] = tensors[i].offset + launch.offsets[i];
+    }
+    const Call call{prepare, context, launch.params, &batch, buffers, offsets};
+    try {
+      prepare_and_encode(call);
+    } catch (const std::exception& raised) {
+      check_recovery(call, raised);
+      throw;
+    }
   }
   if (NS::SharedPtr<MTL::Buffer> replaced = scratch.replaced(); replaced && command_buffer.keep_scratch)
     command_buffer.kept.push_back(replaced);
@@ -292,6 +304,8 @@ int run(const Options& o) {
   const auto& s = o.shape;
   const mfa_sdpa::MaskStrides* mask = o.masked ? &o.mask : nullptr;
   std::string refused = mfa_sdpa::check_limits(s, o.dtype, o.grad, mask);
+  if (refused.empty())  // the bridge's check against the device's largest buffer
+    refused = mfa_sdpa::check_scratch(s, o.dtype, o.grad, mfa_engine::record().device.max_buffer_length, o.scratch_budget);
   if (refused.empty()) refused = mfa_sdpa::check_scale(float(o.scale));  // as the bridge refuses
   if (!refused.empty()) {
     std::printf("{\"refused\": \"%s\"}\n", refused.c_str());
@@ -327,15 +341,15 @@ int run(const Options& o) {
   const Tensor mask_tensor = mask ? tensor("mask", mfa_sdpa::mask_span(s, *mask), es, o.offset) : Tensor{nullptr, 0};
   Tensor forward[mfa_sdpa::kForwardBuffers] = {q, k, v, out, mask_tensor, lse};
   CommandBuffer command_buffer{o.keep_scratch, {}};
-  encode(o.prepare, context, mfa_sdpa::make_params(s, o.dtype, float(o.scale), false, o.causal, mask), forward,
-         mfa_sdpa::kForwardBuffers, command_buffer);
+  encode(o.prepare, context, mfa_sdpa::launches(s, o.dtype, float(o.scale), false, o.causal, mask, o.scratch_budget),
+         forward, mfa_sdpa::kForwardBuffers, command_buffer);
   if (!o.same_command_buffer) command_buffer.complete();
   if (o.grad) {
     Tensor dout = tensor("do", q_elements, es, o.offset), dq = tensor("dq", q_elements, es, o.offset),
            dk = tensor("dk", kv_elements, es, o.offset), dv = tensor("dv", kv_elements, es, o.offset);
     Tensor backward[mfa_sdpa::kBackwardBuffers] = {q, k, v, out, lse, dout, dq, dk, dv, mask_tensor};
-    encode(o.prepare, context, mfa_sdpa::make_params(s, o.dtype, float(o.scale), true, o.causal, mask), backward,
-           mfa_sdpa::kBackwardBuffers, command_buffer);
+    encode(o.prepare, context, mfa_sdpa::launches(s, o.dtype, float(o.scale), true, o.causal, mask, o.scratch_budget),
+           backward, mfa_sdpa::kBackwardBuffers, command_buffer);
   }
   command_buffer.complete();
   const auto& released = mfa_engine::record().released_in_use;

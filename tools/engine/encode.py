@@ -19,6 +19,9 @@ _BUFFER = re.compile(r"\[\[buffer\((\d+)\)\]\]")
 # through strides that are 0 where the shape broadcasts (no broadcast materialised).
 MASK_SHAPES = ("LS", "B1LS", "BHLS", "B11S")  # [R, C], [B, 1, R, C], [B, Hq, R, C], [B, 1, 1, C]
 
+# The stand-in device's maxBufferLength (recorder.hpp, DeviceModel::max_buffer_length).
+MAX_BUFFER_LENGTH = 1 << 34
+
 
 @dataclasses.dataclass(frozen=True)
 class Call:
@@ -39,6 +42,7 @@ class Call:
     macos: int = 26  # the modelled Mac's compiler: from 26 on it rejects `__asm` in source
     os_reports: Optional[str] = None  # what its NSProcessInfo reports; None: macos
     scale: Optional[float] = None  # SDPA's scale; None: 1/sqrt(head_dim)
+    scratch_budget: Optional[int] = None  # bytes of scratch a slice may use; None: the bridge's
 
     @property
     def torch_dtype(self):
@@ -58,6 +62,8 @@ class Call:
             args += ["--os-reports", self.os_reports]
         if self.scale is not None:
             args += ["--scale", repr(float(self.scale))]
+        if self.scratch_budget is not None:
+            args += ["--scratch-budget", str(self.scratch_budget)]
         if self.mask != "none":
             args += ["--mask-strides", ",".join(map(str, self.mask_strides()))]
         # the backward in the forward's command buffer, as PyTorch's stream may encode them:
@@ -107,7 +113,9 @@ def refusal(call: Call) -> Optional[str]:
         needs_grad=call.grad,
         scale=call.scale,
     )
-    return MFAKernel().supports(kernel_call)
+    kernel = MFAKernel()
+    kernel.max_buffer_length = MAX_BUFFER_LENGTH  # as the bridge reads it on a Mac
+    return kernel.supports(kernel_call)
 
 
 @dataclasses.dataclass
@@ -137,6 +145,12 @@ class Record:
     def library_of(self, dispatch: dict) -> int:
         return self.raw["pipelines"][dispatch["pipeline"]]["library"]
 
+    def kernel_of(self, dispatch: dict) -> str:
+        """The name of the kernel ``dispatch`` launches."""
+        library = self.library_of(dispatch)
+        source = self.raw["libraries"][library]["source"]
+        return kernel_name(self.raw["pipelines"][dispatch["pipeline"]]["function"], source)
+
     def kernels(self) -> list[Kernel]:
         """Every library a dispatch uses, in the order first launched, named."""
         seen, out = set(), []
@@ -145,16 +159,20 @@ class Record:
             if library not in seen:
                 seen.add(library)
                 source = self.raw["libraries"][library]["source"]
-                name = kernel_name(self.raw["pipelines"][dispatch["pipeline"]]["function"], source)
-                out.append(Kernel(name, source, self.raw["libraries"][library].get("options")))
+                out.append(Kernel(self.kernel_of(dispatch), source, self.raw["libraries"][library].get("options")))
         return out
+
+
+def buffer_indices(source: str) -> list[int]:
+    """The buffer indices a Metal source declares (``[[buffer(n)]]``)."""
+    return [int(n) for n in _BUFFER.findall(source)]
 
 
 def kernel_name(function: str, source: str) -> str:
     """attention_forward / attention_backward_query / attention_backward_key_value, or cast_...
     (attention kernels differ by the operands they bind: dQ is buffer 9, dV and dK 7 and 8)."""
     if function == "attention":
-        buffers = {int(n) for n in _BUFFER.findall(source)}
+        buffers = set(buffer_indices(source))
         if {7, 8} <= buffers:
             return "attention_backward_key_value"
         if 9 in buffers:

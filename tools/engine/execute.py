@@ -148,26 +148,45 @@ def _tensor_layouts(call: encode.Call) -> dict:
     return layouts
 
 
+def launches(record: encode.Record) -> list[int]:
+    """The ccv call (a slice: native/mfa_params.hpp launches) each dispatch belongs to:
+    each starts with its forward or backward-query kernel."""
+    out, launch = [], -1
+    for dispatch in record.dispatches:
+        launch += record.kernel_of(dispatch) in ("attention_forward", "attention_backward_query")
+        out.append(launch)
+    return out
+
+
+def _declared(record: encode.Record, dispatch: dict) -> dict:
+    """The bindings of ``dispatch`` its kernel declares (the encoder keeps earlier ones)."""
+    declared = set(encode.buffer_indices(record.raw["libraries"][record.library_of(dispatch)]["source"]))
+    return {slot: binding for slot, binding in dispatch["buffers"].items() if int(slot) in declared}
+
+
 class _Memory:
-    """Host memory for every buffer a record binds: tensors whole, scratch by region."""
+    """Host memory for every buffer a record binds: tensors whole, scratch by region, the
+    regions of each ccv call apart (the slices of a call lay the one scratch out anew: what
+    one writes there only it reads)."""
 
     def __init__(self, record: encode.Record, offset: int):
         self.record = record
         self.offset = offset
         self.buffers: list[GuardedBuffer] = []
         self.tensors: dict[str, tuple[GuardedBuffer, torch.dtype, tuple]] = {}
-        self.regions: dict[tuple[int, int], GuardedBuffer] = {}  # (scratch buffer, offset)
+        self.regions: dict[tuple[int, int, int], GuardedBuffer] = {}  # (ccv call, scratch buffer, offset)
         layouts = _tensor_layouts(record.call)
         bound = collections.defaultdict(set)
-        for dispatch in record.dispatches:
-            for binding in dispatch["buffers"].values():
-                bound[binding["buffer"]].add(binding["offset"])
+        for launch, dispatch in zip(launches(record), record.dispatches):
+            for binding in _declared(record, dispatch).values():
+                bound[binding["buffer"]].add((launch, binding["offset"]))
         for index, info in enumerate(record.raw["buffers"]):
             name, length = info["name"], info["length"]
             if name == "scratch":
-                starts = sorted(bound[index])
-                for start, end in zip(starts, starts[1:] + [length]):
-                    self.regions[(index, start)] = self._allocate(end - start)
+                for launch in sorted({launch for launch, _ in bound[index]}):
+                    starts = sorted(start for l, start in bound[index] if l == launch)
+                    for start, end in zip(starts, starts[1:] + [length]):
+                        self.regions[(launch, index, start)] = self._allocate(end - start)
             elif index in bound or name in layouts:
                 dtype, shape = layouts[name]
                 expected = offset + math.prod(shape) * dtype.itemsize
@@ -180,10 +199,10 @@ class _Memory:
         self.buffers.append(buffer)
         return buffer
 
-    def address(self, binding: dict) -> int:
+    def address(self, binding: dict, launch: int) -> int:
         index, offset = binding["buffer"], binding["offset"]
-        if (index, offset) in self.regions:
-            return self.regions[(index, offset)].address
+        if (launch, index, offset) in self.regions:
+            return self.regions[(launch, index, offset)].address
         name = self.record.raw["buffers"][index]["name"]
         if name not in self.tensors:
             raise ReplayError(f"binding into buffer {index} ({name}) at {offset} is not a region of it")
@@ -208,7 +227,7 @@ class _Memory:
             for where, bytes_ in (("before", buffer.view(0, self.offset)), ("after", buffer.slack())):
                 if (bytes_ != POISON).any():
                     raise ReplayError(f"a kernel wrote {where} the {name} tensor in its buffer")
-        for (index, start), buffer in self.regions.items():
+        for (_, index, start), buffer in self.regions.items():
             if (buffer.slack() != POISON).any():
                 raise ReplayError(f"a kernel wrote past the scratch region at {start} of buffer {index}")
 
@@ -217,7 +236,7 @@ class _Memory:
             buffer.free()
 
 
-def _bindings(kernel, dispatch: dict, pipeline: dict, memory: _Memory, name: str, scratch: list) -> tuple:
+def _bindings(kernel, dispatch: dict, launch: int, pipeline: dict, memory: _Memory, name: str, scratch: list) -> tuple:
     """The buffers, function constants and threadgroup memory ``kernel`` declares, from the
     encoder state at ``dispatch``; a declared one the encoder did not set is an error, as
     it would be on a Mac (a pipeline without its constants, a kernel reading garbage)."""
@@ -225,7 +244,7 @@ def _bindings(kernel, dispatch: dict, pipeline: dict, memory: _Memory, name: str
     for index in kernel.buffers:
         key = str(index)
         if key in dispatch["buffers"]:
-            buffers[index] = memory.address(dispatch["buffers"][key])
+            buffers[index] = memory.address(dispatch["buffers"][key], launch)
         elif key in dispatch.get("bytes", {}):
             payload = bytes.fromhex(dispatch["bytes"][key])
             region = GuardedBuffer(len(payload))
@@ -279,7 +298,7 @@ def execute(
         mma = collections.Counter()
         flags = collections.Counter()
         frozen = {}  # the forward's results, which the backward must only read
-        for dispatch in record.dispatches:
+        for launch, dispatch in zip(launches(record), record.dispatches):
             pipeline = record.raw["pipelines"][dispatch["pipeline"]]
             source = record.raw["libraries"][pipeline["library"]]["source"]
             name = encode.kernel_name(pipeline["function"], source)
@@ -288,7 +307,7 @@ def execute(
             if edit is not None:
                 source = edit(name, source)
             kernel = metal.load_kernel(source, pipeline["function"])
-            buffers, constants, lengths = _bindings(kernel, dispatch, pipeline, memory, name, transient)
+            buffers, constants, lengths = _bindings(kernel, dispatch, launch, pipeline, memory, name, transient)
             stats = kernel.run(dispatch["grid"], dispatch["group"], buffers, constants, lengths, schedule=schedule)
             mma[name] += stats.get("mma", 0)
             flags[name] |= stats.get("float_exceptions", 0)

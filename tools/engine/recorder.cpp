@@ -1,6 +1,7 @@
 // The recording metal-cpp stand-in's behaviour, and the record's JSON form.
 #include "recorder.hpp"
 
+#include <algorithm>
 #include <cstdio>
 #include <sstream>
 
@@ -115,7 +116,8 @@ std::string to_json(const Record& r) {
     }
     o << "}}";
   }
-  o << "],\n\"errors\": [";
+  o << "],\n\"scratch_peak\": " << r.scratch_peak;
+  o << ",\n\"errors\": [";
   for (std::size_t i = 0; i < r.errors.size(); ++i) o << (i ? ", " : "") << quote(r.errors[i]);
   o << "]}\n";
   return o.str();
@@ -273,7 +275,10 @@ ComputePipelineState* Device::newComputePipelineState(ComputePipelineDescriptor*
 }
 
 Buffer* Device::newBuffer(NS::UInteger length, ResourceOptions) {
-  if (length == 0 || length > record().device.max_buffer_bytes) return nullptr;
+  auto& r = record();
+  if (length == 0 || length > r.device.max_buffer_bytes) return nullptr;
+  r.scratch_live += length;
+  r.scratch_peak = std::max(r.scratch_peak, r.scratch_live);
   return mfa_engine::new_buffer("scratch", length);
 }
 
@@ -324,6 +329,7 @@ void ComputeCommandEncoder::dispatchThreadgroups(Size grid, Size group) {
 
 Buffer::~Buffer() {
   auto& r = record();
+  if (r.buffers[id].name == "scratch") r.scratch_live -= size;
   if (r.in_flight.count(id))
     r.released_in_use.push_back("buffer " + std::to_string(id) + " (" + r.buffers[id].name + ", " +
                                 std::to_string(size) + " bytes) was released while a dispatch of a command buffer "

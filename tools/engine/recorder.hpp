@@ -63,6 +63,9 @@ struct DeviceModel {
   unsigned default_language = (3u << 16) + 0;
   // Allocations above this fail (nil), as Metal's do past the device's limit.
   std::uint64_t max_buffer_bytes = std::uint64_t(1) << 36;
+  // What the device reports as maxBufferLength, which the bridge checks a call's scratch
+  // against before ccv allocates (mfa_params.hpp, check_scratch).
+  std::uint64_t max_buffer_length = std::uint64_t(1) << 34;
 };
 
 struct Record {
@@ -81,6 +84,8 @@ struct Record {
   // What the caller decided about the platform, as JSON values by name (the driver's
   // platform decisions, made by the bridge's own code).
   std::vector<std::pair<std::string, std::string>> platform;
+  // Bytes of the buffers ccv allocated (its scratch) that are alive, and the most at once.
+  std::uint64_t scratch_live = 0, scratch_peak = 0;
 };
 
 Record& record();

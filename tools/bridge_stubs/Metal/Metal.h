@@ -1,10 +1,13 @@
 // Apple's <Metal/Metal.h>, as far as the bridge and PyTorch's MPS headers use it: the
-// protocols they name (with Metal's own inheritance) and the one message the bridge sends.
+// protocols they name (with Metal's own inheritance), the one message the bridge sends and
+// the one property it reads.
 #pragma once
 #include <Foundation/Foundation.h>
 
 #ifdef __OBJC__
 @protocol MTLDevice <NSObject>
+// MTLDevice.h: @property (readonly) NSUInteger maxBufferLength API_AVAILABLE(macos(10.14), ios(12.0));
+@property (readonly) NSUInteger maxBufferLength;
 @end
 @protocol MTLResource <NSObject>
 @end
