@@ -239,21 +239,24 @@ def _canary(key, q_len, kv_len):
 
 
 def _math_sdpa(q, k, v, mask, scale, causal, grad_out):
-    """PyTorch's math SDPA: [out] or [out, dq, dk, dv] for ``grad_out``."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
+    """PyTorch's math SDPA: [out] or [out, dq, dk, dv] for ``grad_out``. Its aten op itself,
+    not sdpa_kernel(MATH): that flips process-wide backend flags, and calls in other threads
+    would then fall back (rules.BACKENDS) while a self-check runs."""
     from . import ops
 
-    with sdpa_kernel(SDPBackend.MATH):
-        if grad_out is None:
-            with torch.no_grad():
-                return [ops._pytorch_attention(q, k, v, mask, scale, causal)]
-        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
-        with ops._with_autograd(), torch.enable_grad():
-            out = ops._pytorch_attention(*inputs, mask, scale, causal)
-            # grad of sum(out * grad_out), the same numbers: autograd.grad given grad_outputs
-            # first imports torch's symbolic shapes (sympy), a second on a cold start
-            return [out.detach(), *torch.autograd.grad((out * grad_out).sum(), inputs)]
+    def attention(q, k, v):
+        gqa = k.shape[1] != q.shape[1]
+        return ops._math_sdpa(q, k, v, mask, 0.0, causal, scale=scale, enable_gqa=gqa)[0]
+
+    if grad_out is None:
+        with torch.no_grad():
+            return [attention(q, k, v)]
+    inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+    with ops._with_autograd(), torch.enable_grad():
+        out = attention(*inputs)
+        # grad of sum(out * grad_out), the same numbers: autograd.grad given grad_outputs
+        # first imports torch's symbolic shapes (sympy), a second on a cold start
+        return [out.detach(), *torch.autograd.grad((out * grad_out).sum(), inputs)]
 
 
 # ----------------------------------------------------------------------------- the store

@@ -123,7 +123,8 @@ uint64_t max_buffer_length() {
 // rather than make kernels shape-independent: that would move R, C and the strides from
 // function constants into a buffer in ccv's generator, a patch to every kernel the CPU
 // executor verifies; a bound costs re-making pipelines, not libraries, once per
-// kMaxPipelineShapes new shapes. Counted per call shape (forward and backward apart).
+// kMaxPipelineShapes new shapes. Counted per call shape (forward and backward apart; a
+// sliced call makes pipelines for at most two slice shapes: mfa_params.hpp, runs).
 constexpr size_t kMaxPipelineShapes = 64;
 // B R C Hq Hk D dtype backward scale causal, and the mask's strides (-1: no mask)
 using PipelineShape = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, bool, float, bool, int64_t, int64_t, int64_t>;

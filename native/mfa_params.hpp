@@ -175,11 +175,13 @@ inline std::uint64_t slice_scratch_allocation(const Shape& s, DType dtype, bool 
 }
 
 // Empty when every slice's scratch fits in one buffer of the device, else why not.
+// MFAKernel.supports() checks the smallest slice (smallest_slice_scratch): the two differ
+// only for a device whose largest buffer is below the budget.
 inline std::string check_scratch(const Shape& s, DType dtype, bool backward, std::uint64_t max_buffer_bytes,
                                  std::uint64_t budget = kScratchBudget) {
   const std::uint64_t most = slice_scratch_allocation(s, dtype, backward, budget);
   if (most <= max_buffer_bytes) return "";
-  return "its smallest slice needs " + std::to_string(most) + " bytes of MFA scratch, beyond this device's largest buffer (" +
+  return "a slice of the call needs " + std::to_string(most) + " bytes of MFA scratch, beyond this device's largest buffer (" +
          std::to_string(max_buffer_bytes) + " bytes)";
 }
 

@@ -198,16 +198,32 @@ MUTATIONS = {
 BARRIER = "threadgroup_barrier(mem_flags::mem_threadgroup);"
 
 
+def mutants():
+    """name -> (case, kernel, old, new, schedule) of every mutant below."""
+    out = {name: (MUTANT, *mutation, RR) for name, mutation in MUTATIONS.items()}
+    for macos in (15, 26):
+        # Round-robin hides this race (every thread reaches the write after every read); a
+        # SIMD group running ahead overwrites the block the other has not read yet.
+        out[f"removed_barrier_{macos}"] = (dataclasses.replace(MUTANT, macos=macos), "attention_forward", BARRIER, "", RA)
+    return out
+
+
+@pytest.fixture(scope="module")
+def mutant_runs(metal):
+    """Every mutant's child process, on every core at once: name -> run_mutant's result."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        futures = {name: pool.submit(run_mutant, *spec) for name, spec in mutants().items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
 @pytest.mark.parametrize("name", MUTATIONS)
-def test_mutant_fails(metal, name):
-    assert_mutant_fails(MUTANT, *MUTATIONS[name])
+def test_mutant_fails(mutant_runs, name):
+    assert_failed(*mutant_runs[name])
 
 
 @pytest.mark.parametrize("macos", (15, 26))
-def test_removed_barrier_fails_under_run_ahead(metal, macos):
-    # Round-robin hides this race (every thread reaches the write after every read); a SIMD
-    # group running ahead overwrites the block the other has not read yet.
-    assert_mutant_fails(dataclasses.replace(MUTANT, macos=macos), "attention_forward", BARRIER, "", schedule=RA)
+def test_removed_barrier_fails_under_run_ahead(mutant_runs, macos):
+    assert_failed(*mutant_runs[f"removed_barrier_{macos}"])
 
 
 def mutant_kernels():
@@ -219,11 +235,18 @@ def mutant_kernels():
             yield sources[kernel].replace(old, new, 1), "attention"
 
 
-def assert_mutant_fails(case, kernel, old, new, schedule=RR):
+def run_mutant(case, kernel, old, new, schedule=RR):
+    """The mutant's child process: (whether the mutation is in the source, exit code, its
+    JSON, stderr)."""
     source = next(k.source for k in encode.encode(case.call()).kernels() if k.name == kernel)
-    assert old in source, f"{old!r} is not in {kernel}: the mutation would test nothing"
+    if old not in source:
+        return False, None, None, ""
     spec = {"call": dataclasses.asdict(case.call()), "schedule": schedule, "mutation": [kernel, old, new]}
-    code, result, stderr = run_child(spec)
+    return (True, *run_child(spec))
+
+
+def assert_failed(applies, code, result, stderr):
+    assert applies, "the mutated text is not in the kernel: the mutation would test nothing"
     if code < 0:  # killed by a fault the shim did not catch: failed, loudly
         return
     assert result is not None, f"the mutant did not run (exit {code}):\n{stderr[-3000:]}"

@@ -14,7 +14,6 @@ MFAKernel.tolerances.
 import concurrent.futures
 import dataclasses
 import json
-import subprocess
 import sys
 
 import pytest
@@ -92,17 +91,18 @@ def test_fp32_at_64k_is_served(long_plans):
     assert result["extra_bytes"] <= 9 * MiB
 
 
-def test_plan_cli_prints_one_json_line_and_exits_as_source():
-    ok = subprocess.run([sys.executable, str(CLI), "plan", "--dtype", "fp16", "--q-len", "64", "--kv-len", "64", "--head-dim", "64"],
-                        capture_output=True, text=True)
-    assert ok.returncode == 0, ok.stderr
-    result = json.loads(ok.stdout)
+def test_plan_cli_prints_one_json_line_and_exits_as_source(capsys):
+    """The command's own main() (the process around it is `source`'s, tested there)."""
+    import mfa_engine
+
+    flags = ["--dtype", "fp16", "--q-len", "64", "--kv-len", "64"]
+    assert mfa_engine.main(["plan", *flags, "--head-dim", "64"]) == 0
+    result = json.loads(capsys.readouterr().out)
     assert set(result) == {"kernels", "dispatches", "threadgroup_bytes", "slices", "extra_bytes"}
     assert result["kernels"] == ["attention_forward", "cast_float_to_half"] and result["dispatches"] == 2
     assert 0 < result["threadgroup_bytes"] <= 32768
-    refused = subprocess.run([sys.executable, str(CLI), "plan", "--dtype", "fp16", "--q-len", "64", "--kv-len", "64", "--head-dim", "520"],
-                             capture_output=True, text=True)
-    assert refused.returncode == 2 and "head dim 520" in refused.stderr
+    assert mfa_engine.main(["plan", *flags, "--head-dim", "520"]) == 2
+    assert "head dim 520" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
