@@ -11,6 +11,7 @@ ENABLE_VAR = "MFA_ENABLE"
 MIN_SEQ_LEN_VAR = "MFA_MIN_SEQ_LEN"
 LOG_VAR = "MFA_LOG"
 SELFCHECK_VAR = "MFA_SELFCHECK"
+CALIBRATE_VAR = "MFA_CALIBRATE"
 CACHE_DIR_VAR = "MFA_CACHE_DIR"
 
 DEFAULT_MIN_SEQ_LEN = 256
@@ -50,6 +51,7 @@ def check_environment() -> None:
         min_seq_len()
         log_fallbacks()
         selfcheck_mode()
+        calibrate()
         problems = _collecting
     finally:
         _collecting = None
@@ -115,6 +117,20 @@ def selfcheck_mode() -> str:
     return "on"
 
 
+def calibrate() -> bool:
+    """MFA_CALIBRATE (default on): time a kernel against PyTorch's SDPA on the first call
+    without grad of each variant and length bucket, and send the bucket to the faster; off,
+    calls go to the kernel."""
+    raw = os.environ.get(CALIBRATE_VAR, "")
+    value = raw.strip().lower()
+    if value in _ON or not value:
+        return True
+    if value in _OFF:
+        return False
+    _warn_invalid(CALIBRATE_VAR, raw, "1 (expected 1 or 0)")
+    return True
+
+
 def cache_dir() -> str:
     """MFA_CACHE_DIR, or ~/.cache/metal-flash-sdpa: where this machine's verdicts are kept."""
     raw = os.environ.get(CACHE_DIR_VAR, "").strip()
@@ -128,5 +144,6 @@ def settings() -> dict:
         MIN_SEQ_LEN_VAR: (os.environ.get(MIN_SEQ_LEN_VAR), min_seq_len()),
         LOG_VAR: (os.environ.get(LOG_VAR), log_fallbacks()),
         SELFCHECK_VAR: (os.environ.get(SELFCHECK_VAR), selfcheck_mode()),
+        CALIBRATE_VAR: (os.environ.get(CALIBRATE_VAR), "on" if calibrate() else "off"),
         CACHE_DIR_VAR: (os.environ.get(CACHE_DIR_VAR), cache_dir()),
     }

@@ -4,6 +4,7 @@ Each count is an ``itertools.count``: ``next()`` on it is one C call, atomic und
 so increments are never lost under threads and cost no lock on the hot path.
 """
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -21,8 +22,22 @@ def _value(counter) -> int:
     return int(repr(counter)[6:-1])  # "count(N)": the next value, i.e. how many were taken
 
 
+_quiet = threading.local()  # .on: this thread's kernel runs are the calibration's, not calls
+
+
 def count_dispatch() -> None:
-    next(_dispatched)
+    if not getattr(_quiet, "on", False):
+        next(_dispatched)
+
+
+@contextlib.contextmanager
+def uncounted():
+    """Kernel runs in this thread are not dispatches (trust.calibrate's timing runs)."""
+    _quiet.on = True
+    try:
+        yield
+    finally:
+        _quiet.on = False
 
 
 def count_fallback(reason: str) -> None:

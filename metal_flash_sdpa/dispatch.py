@@ -6,7 +6,7 @@ compares equal to the builtin can be taken for the builtin and silently bypassed
 
 import torch
 
-from . import counters, ops, rules
+from . import counters, ops, rules, trust
 
 # The object found on torch.nn.functional when the patch was applied; set by patch.enable().
 original = None
@@ -14,6 +14,7 @@ original = None
 _is_compiling = torch.compiler.is_compiling
 _evaluate = rules.evaluate
 _AUTOCAST = rules.AUTOCAST
+_PENDING = trust.PENDING
 _Tensor = torch.Tensor
 _is_causal_bias = rules.is_causal_bias
 _handle_torch_function = torch.overrides.handle_torch_function
@@ -34,6 +35,8 @@ def scaled_dot_product_attention(
             **_keywords(scale, enable_gqa),
         )
     reason, kernel, needs_grad = _evaluate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if reason is _PENDING:  # the first call without grad of its bucket: time kernel and PyTorch
+        reason = trust.calibrate(kernel, query, key, value, attn_mask, is_causal, scale, enable_gqa, original)
     if reason is None:
         try:
             return ops.attention(kernel, query, key, value, attn_mask, is_causal, scale, needs_grad, dropout_p)

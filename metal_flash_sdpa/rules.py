@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from . import kernels
+from . import trust as _trust
 from .kernels.base import Call
 
 # Set by metal_flash_sdpa.disabled(); per thread and per asyncio task.
@@ -67,7 +68,8 @@ _failed = kernels.failed
 
 
 def evaluate(q, k, v, mask, dropout_p, causal, scale, gqa):
-    """-> (None, kernel, needs_grad) when the call can go to ``kernel``, else (reason, None, False)."""
+    """-> (None, kernel, needs_grad) when the call can go to ``kernel``; (trust.PENDING, kernel,
+    False) when it can once its length bucket is calibrated; else (reason, None, False)."""
     # ContextVar.get breaks a torch.compile graph; compiled code follows enable()/disable().
     compiling = _is_compiling()
     if not compiling and scoped_off.get():
@@ -130,8 +132,12 @@ def evaluate(q, k, v, mask, dropout_p, causal, scale, gqa):
         # dict): compiled graphs send the op, which checks when it runs.
         if reason is None and not compiling and _failed:
             reason = _failed.get(configuration(kernel.name, device.type, call))
-        if reason is None:
-            return None, kernel, grad
+        # Without grad, the faster of the kernel and PyTorch's SDPA, as measured on this
+        # machine for the call's length bucket (trust.py); PENDING: not measured yet.
+        if reason is None and not grad and kernel.calibrated and not compiling and not dropout_p and _trust.calibrating:
+            reason = _trust.choice(configuration(kernel.name, device.type, call), qs[-2], ks[-2])
+        if reason is None or reason is _trust.PENDING:
+            return reason, kernel, grad
     return reason, None, False
 
 
@@ -254,4 +260,4 @@ def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, s
         query, key, value, attn_mask = autocast_inputs(query, key, value, attn_mask)
         with torch.autocast(query.device.type, enabled=False):
             reason = evaluate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)[0]
-    return reason
+    return None if reason is _trust.PENDING else reason  # the kernel, until its first call measures

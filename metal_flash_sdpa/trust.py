@@ -20,6 +20,14 @@ A variant that failed raises ``SelfCheckFailed`` from ``verify``; the op layer t
 configuration to PyTorch for good (``ops.kernel_failed``: one warning line, counted in
 ``fallback_counts()``). MFA_SELFCHECK: "on" (default); "off" trusts without checking; "always"
 checks in every process, ignoring the verdicts on disk (it still writes them).
+
+The calibration (MFA_CALIBRATE, default on; kernels with ``calibrated``): the first call
+without grad of a configuration in a length bucket (query and key lengths rounded up to
+powers of two) is timed on the kernel and on PyTorch's own SDPA with the call's tensors,
+and the bucket goes to the faster; the choice is kept with the verdicts. PyTorch is not
+timed where its SDPA would materialise a score matrix above MAX_PYTORCH_SCORES bytes, or
+when it raises: the kernel keeps the bucket. Calls with grad always go to the kernel
+(PyTorch has no fused MPS backward).
 """
 
 import contextlib
@@ -121,10 +129,11 @@ def _first_use(key, q_len, kv_len):
 
 
 def forget() -> None:
-    """Drop the verdicts held in memory (not those on disk): the next call of each variant
-    looks it up again."""
+    """Drop the verdicts and calibration choices held in memory (not those on disk): the
+    next call of each variant looks it up again."""
     _known.clear()
     _contexts.clear()
+    _choices.clear()
 
 
 # ----------------------------------------------------------------------------- keys
@@ -154,8 +163,9 @@ def build_id() -> str:
     return BUILD_ID
 
 
-def store_key(key) -> str:
-    """The verdict's key on disk: the variant and its context, as canonical JSON."""
+def store_key(key, **extra) -> str:
+    """The verdict's key on disk: the variant (with ``extra`` fields) and its context, as
+    canonical JSON."""
     kernel, device, stage, dtype, q_heads, kv_heads, head_dim, value_dim, scale, causal, mask_kind = key
     variant = {
         "kernel": kernel.name,
@@ -170,6 +180,7 @@ def store_key(key) -> str:
         "scale": scale,
         "causal": causal,
         "mask": MASK_KINDS[mask_kind],
+        **extra,
     }
     return json.dumps({"variant": variant, "context": context(kernel, device)}, sort_keys=True, default=str)
 
@@ -259,6 +270,98 @@ def _math_sdpa(q, k, v, mask, scale, causal, grad_out):
         return [out.detach(), *torch.autograd.grad((out * grad_out).sum(), inputs)]
 
 
+# ----------------------------------------------------------------------------- calibration
+
+PYTORCH_FASTER = "PyTorch measured faster for this variant"
+PENDING = object()  # rules.evaluate: the call's bucket is not calibrated yet
+calibrating = config.calibrate()  # tests set it directly
+# PyTorch's SDPA is not timed where it would materialise scores (B x H x L x S x 4 bytes)
+# beyond this: on MPS its non-fused path can take many GiB.
+MAX_PYTORCH_SCORES = 256 << 20
+WARMUP, RUNS = 1, 3
+# PyTorch takes the bucket only when its median is below this share of the kernel's, so
+# that timing noise does not hand a bucket back and forth between processes.
+MARGIN = 0.9
+
+_choices: dict = {}  # (rules.configuration, query bucket, key bucket) -> None or PYTORCH_FASTER
+
+
+def bucket(length: int) -> int:
+    """The power of two at or above ``length``."""
+    return 1 << (length - 1).bit_length()
+
+
+def choice(configuration, q_len, kv_len):
+    """The bucket's choice: None (the kernel), PYTORCH_FASTER, or PENDING; a dict lookup."""
+    return _choices.get((configuration, bucket(q_len), bucket(kv_len)), PENDING)
+
+
+def calibrate(kernel, q, k, v, mask, causal, scale, gqa, pytorch):
+    """Time the call (without grad, without dropout) on ``kernel`` and on ``pytorch`` (the
+    builtin SDPA) unless its bucket is known, here or on disk; -> its choice."""
+    from . import rules
+
+    call = rules.describe(q.shape, k.shape, v.shape, q.dtype, mask, causal, False, scale, 0.0)
+    configuration = rules.configuration(kernel.name, q.device.type, call)
+    found = (configuration, bucket(call.q_len), bucket(call.kv_len))
+    with _locks_lock:
+        lock = _locks.setdefault(found, threading.RLock())
+    with lock:
+        if found in _choices:  # another thread calibrated it while this one waited
+            return _choices[found]
+        mask_kind = 0 if mask is None else 2 if call.mask_per_head else 1
+        variant = (kernel, q.device, "calibration", q.dtype, call.q_heads, call.kv_heads, call.head_dim,
+                   call.value_dim, call.softmax_scale, causal, mask_kind)
+        stored_as = store_key(variant, q_bucket=found[1], kv_bucket=found[2])
+        record = None if mode == "always" else store.get_record(stored_as)
+        if record is None or record.get("choice") not in ("kernel", "pytorch"):
+            record = _measure(kernel, q, k, v, mask, causal, scale, gqa, pytorch)
+            store.put_record(stored_as, record)
+        _choices[found] = PYTORCH_FASTER if record["choice"] == "pytorch" else None
+        return _choices[found]
+
+
+def _measure(kernel, q, k, v, mask, causal, scale, gqa, pytorch) -> dict:
+    from . import counters, ops
+
+    record = {"checked": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "kernel_ms": None, "pytorch_ms": None}
+    scores = 4 * math.prod(q.shape[:-1]) * k.shape[-2]
+    if scores > MAX_PYTORCH_SCORES:
+        return {**record, "choice": "kernel", "detail": f"PyTorch not timed: its scores would take {scores >> 20} MiB"}
+    keywords = {"scale": scale, **({"enable_gqa": True} if gqa else {})}
+    sync = torch.mps.synchronize if q.device.type == "mps" else (lambda: None)
+    try:
+        with torch.no_grad(), counters.uncounted():
+            ours = _median_seconds(lambda: ops.attention(kernel, q, k, v, mask, causal, scale, False, 0.0), sync)
+    except Exception as error:  # the call itself will meet it again, and handle it
+        return {**record, "choice": "kernel", "detail": f"kernel not timed: {_first_line(error)}"}
+    try:
+        with torch.no_grad():
+            theirs = _median_seconds(lambda: pytorch(q, k, v, mask, 0.0, causal, **keywords), sync)
+    except Exception as error:
+        return {**record, "choice": "kernel", "kernel_ms": ours * 1e3, "detail": f"PyTorch raised: {_first_line(error)}"}
+    faster = "pytorch" if theirs < MARGIN * ours else "kernel"
+    return {**record, "choice": faster, "kernel_ms": ours * 1e3, "pytorch_ms": theirs * 1e3, "detail": ""}
+
+
+def _median_seconds(run, sync) -> float:
+    for _ in range(WARMUP):
+        run()
+        sync()
+    times = []
+    for _ in range(RUNS):
+        start = time.perf_counter()
+        run()
+        sync()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def _first_line(error) -> str:
+    lines = str(error).strip().splitlines() or [""]
+    return f"{type(error).__name__}: {lines[0]}"
+
+
 # ----------------------------------------------------------------------------- the store
 
 
@@ -294,6 +397,19 @@ class Store:
         return data["verdicts"]
 
     def get(self, key):
+        record = self.get_record(key)
+        try:
+            return None if record is None else Verdict(**{**record, "stored": self.path()})
+        except TypeError:  # a record this version cannot read: checked again
+            return None
+
+    def put(self, key, verdict: Verdict) -> None:
+        record = verdict._asdict()
+        del record["stored"]
+        self.put_record(key, record)
+
+    def get_record(self, key):
+        """The record stored under ``key`` (a dict), or None."""
         if self.memory_only:
             return None
         path = self.path()
@@ -302,12 +418,9 @@ class Store:
         except _Unusable as error:
             self._degrade(path, error)
             return None
-        try:
-            return Verdict(**{**record, "stored": path})
-        except TypeError:  # a record this version cannot read: checked again
-            return None
+        return record if isinstance(record, dict) else None
 
-    def put(self, key, verdict: Verdict) -> None:
+    def put_record(self, key, record: dict) -> None:
         if self.memory_only:
             return
         path = self.path()
@@ -316,8 +429,7 @@ class Store:
             os.makedirs(directory, exist_ok=True)
             with _file_lock(path + ".lock"):
                 verdicts = self.read(path)
-                verdicts[key] = verdict._asdict()
-                del verdicts[key]["stored"]
+                verdicts[key] = record
                 descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=".verdicts-", suffix=".tmp")
                 try:
                     with os.fdopen(descriptor, "w", encoding="utf-8") as file:
@@ -404,6 +516,8 @@ def _order(variant) -> tuple:
 
 
 def _verdict_line(variant, record) -> str:
+    if variant.get("stage") == "calibration":
+        return _calibration_line(variant, record)
     described = (
         f"{variant['kernel']:10} {variant['dtype']:8} {variant['stage']:8} D={variant['head_dim']} "
         f"Dv={variant['value_dim']} Hq={variant['q_heads']} Hk={variant['kv_heads']} scale={variant['scale']:.6g} "
@@ -412,3 +526,15 @@ def _verdict_line(variant, record) -> str:
     measured = f"max error {record.get('max_error', math.nan):.2g}"
     line = f"{'passed' if record.get('passed') else 'FAILED'}  {described}  {measured}  {record.get('seconds', 0):.3f} s  {record.get('checked', '')}"
     return line if record.get("passed") else f"{line}\n      {record.get('detail', '')}"
+
+
+def _calibration_line(variant, record) -> str:
+    described = (
+        f"{variant['kernel']:10} {variant['dtype']:8} L<={variant.get('q_bucket')} S<={variant.get('kv_bucket')} "
+        f"D={variant['head_dim']} Dv={variant['value_dim']} Hq={variant['q_heads']} Hk={variant['kv_heads']} "
+        f"scale={variant['scale']:.6g} causal={variant['causal']} mask={variant['mask']}"
+    )
+    times = lambda ms: "-" if ms is None else f"{ms:.3g} ms"  # noqa: E731
+    measured = f"kernel {times(record.get('kernel_ms'))}, PyTorch {times(record.get('pytorch_ms'))}"
+    line = f"{'kernel ' if record.get('choice') == 'kernel' else 'PyTorch'} {described}  {measured}  {record.get('checked', '')}"
+    return line + (f"\n      {record['detail']}" if record.get("detail") else "")

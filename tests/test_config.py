@@ -64,6 +64,7 @@ def test_settings_lists_every_variable(fresh):
         "MFA_MIN_SEQ_LEN": ("512", 512),
         "MFA_LOG": (None, False),
         "MFA_SELFCHECK": (None, "on"),
+        "MFA_CALIBRATE": (None, "on"),
         "MFA_CACHE_DIR": (None, os.path.join(os.path.expanduser("~"), ".cache", "metal-flash-sdpa")),
     }
 

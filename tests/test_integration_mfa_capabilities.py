@@ -77,6 +77,9 @@ class MFACapabilityKernel(ReferenceKernel, MFAKernel):
     """
 
     name = "mfa-capabilities"
+    # What MFA serves, not how fast: on a Mac calls without grad go to the faster of MFA
+    # and PyTorch (trust.py); here the reference kernel would lose every one to PyTorch.
+    calibrated = False
 
     def __init__(self):
         super().__init__(block_size=32)

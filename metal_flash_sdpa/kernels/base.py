@@ -68,6 +68,10 @@ class Kernel:
     supports_dropout = False
     # The gradient of an additive mask (learned biases: T5's relative positions, ALiBi-like)
     supports_mask_grad = False
+    # Whether calls without grad are timed against PyTorch's SDPA on this machine (trust.py,
+    # MFA_CALIBRATE) and sent to the faster: for kernels that stand in for PyTorch's own
+    # fused kernels, not for test and reference kernels.
+    calibrated = False
     # Per-dtype tolerances this kernel promises against PyTorch's math SDPA: (atol, rtol).
     tolerances: dict = {}
 

@@ -155,6 +155,9 @@ class MFAKernel(Kernel):
     # 4 = the emitted Metal, encoded as the bridge encodes it, executed on the CPU against
     # PyTorch (tests/test_engine_execute.py). None has run on a Mac (rung 5).
     verified_rung = {torch.float32: 4, torch.float16: 4, torch.bfloat16: 4}
+    # PyTorch 2.13+ has fused MPS forwards that may beat ours on some Macs: calls without
+    # grad go to the faster, measured on the user's Mac (trust.py). Its backward is composite.
+    calibrated = True
     # Every kernel compiles as Metal 3.1 (patch 0009), which macOS 14 brought.
     min_macos_major = 14
     # The macOS major version the bridge reports when it loads (native/mfa_platform.hpp:
