@@ -4,7 +4,13 @@ import torch
 
 import metal_flash_sdpa
 from conftest import pytorch_sdpa
+from metal_flash_sdpa import rules
 from metal_flash_sdpa.check import compare
+
+
+def fallbacks():
+    """fallback_counts() but for the tests' own PyTorch calls (inside disabled())."""
+    return {reason: n for reason, n in metal_flash_sdpa.fallback_counts().items() if reason != rules.DISABLED}
 
 
 class RecordingKernel(metal_flash_sdpa.ReferenceKernel):

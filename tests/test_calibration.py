@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import metal_flash_sdpa
-from metal_flash_sdpa import ReferenceKernel, dispatch, kernels, rules, trust
+from helpers import fallbacks
+from metal_flash_sdpa import ReferenceKernel, dispatch, kernels, trust
 
 DELAY = 0.1  # seconds: far beyond what either side takes on these shapes
 
@@ -68,11 +69,6 @@ def slow_pytorch(monkeypatch):
 
 def qkv(length=40, grad=False):
     return [torch.randn(2, 2, length, 16).requires_grad_(grad) for _ in range(3)]
-
-
-def fallbacks():
-    """fallback_counts() but for the tests' own PyTorch calls (inside disabled())."""
-    return {reason: n for reason, n in metal_flash_sdpa.fallback_counts().items() if reason != rules.DISABLED}
 
 
 def builtin(*args, **kwargs):

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 import metal_flash_sdpa
 from conftest import REPO, pytorch_sdpa, run_python
-from metal_flash_sdpa import ReferenceKernel, kernels, rules, trust
+from helpers import fallbacks
+from metal_flash_sdpa import ReferenceKernel, kernels, trust
 
 ATOL, RTOL = 3e-2, 2e-2  # bfloat16's tolerance of the reference kernel, enough for all here
 SELF_CHECK = "failed its self-check"
@@ -95,11 +96,6 @@ def warned():
 
 def qkv(dtype=torch.float32, head_dim=16, grad=False):
     return [torch.randn(2, 2, 40, head_dim, dtype=dtype).requires_grad_(grad) for _ in range(3)]
-
-
-def fallbacks():
-    """fallback_counts() but for the tests' own PyTorch calls (inside disabled())."""
-    return {reason: n for reason, n in metal_flash_sdpa.fallback_counts().items() if reason != rules.DISABLED}
 
 
 def stored(tmp_path):

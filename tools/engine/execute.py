@@ -158,10 +158,16 @@ def launches(record: encode.Record) -> list[int]:
     return out
 
 
-def _declared(record: encode.Record, dispatch: dict) -> dict:
-    """The bindings of ``dispatch`` its kernel declares (the encoder keeps earlier ones)."""
-    declared = set(encode.buffer_indices(record.raw["libraries"][record.library_of(dispatch)]["source"]))
-    return {slot: binding for slot, binding in dispatch["buffers"].items() if int(slot) in declared}
+def _declared_bindings(record: encode.Record) -> list:
+    """For each dispatch, the bindings its kernel declares (the encoder keeps earlier ones)."""
+    declared = {}  # library -> its buffer indices, read once
+    out = []
+    for dispatch in record.dispatches:
+        library = record.library_of(dispatch)
+        if library not in declared:
+            declared[library] = set(encode.buffer_indices(record.raw["libraries"][library]["source"]))
+        out.append([binding for slot, binding in dispatch["buffers"].items() if int(slot) in declared[library]])
+    return out
 
 
 class _Memory:
@@ -175,10 +181,11 @@ class _Memory:
         self.buffers: list[GuardedBuffer] = []
         self.tensors: dict[str, tuple[GuardedBuffer, torch.dtype, tuple]] = {}
         self.regions: dict[tuple[int, int, int], GuardedBuffer] = {}  # (ccv call, scratch buffer, offset)
+        self.launches = launches(record)  # each dispatch's ccv call
         layouts = _tensor_layouts(record.call)
         bound = collections.defaultdict(set)
-        for launch, dispatch in zip(launches(record), record.dispatches):
-            for binding in _declared(record, dispatch).values():
+        for launch, bindings in zip(self.launches, _declared_bindings(record)):
+            for binding in bindings:
                 bound[binding["buffer"]].add((launch, binding["offset"]))
         for index, info in enumerate(record.raw["buffers"]):
             name, length = info["name"], info["length"]
@@ -298,7 +305,7 @@ def execute(
         mma = collections.Counter()
         flags = collections.Counter()
         frozen = {}  # the forward's results, which the backward must only read
-        for launch, dispatch in zip(launches(record), record.dispatches):
+        for launch, dispatch in zip(memory.launches, record.dispatches):
             pipeline = record.raw["pipelines"][dispatch["pipeline"]]
             source = record.raw["libraries"][pipeline["library"]]["source"]
             name = encode.kernel_name(pipeline["function"], source)
