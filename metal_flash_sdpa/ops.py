@@ -4,8 +4,8 @@
 call, against 10-20 us for ``custom_op``) and have fake implementations, so torch.compile
 traces them without graph breaks; ``_Attention`` connects them for autograd. The op
 layer owns what is the same for every kernel: flattening to 4-D, the kernel's memory
-layout, the default scale, and turning a mask into the additive 4-D form the contract
-promises.
+layout, the default scale, and turning a mask into the 4-D form the contract promises
+(additive, or a bool mask as it is for kernels that read bool masks: no per-call copy).
 
 Which kernel runs: eager calls use the kernel the rules chose, and the backward uses the
 very kernel object that ran the forward (saved on ``ctx``; only it can read its ``lse``).
@@ -159,10 +159,12 @@ def _backward(kernel, grad_out, q, k, v, out, lse, mask, scale, causal, dropout_
 
 
 def _pytorch_attention(q, k, v, mask, scale, causal, dropout_p=0.0, seed=None):
-    """PyTorch's SDPA on the op-level tensors (4-D, additive mask, scale resolved); with
+    """PyTorch's SDPA on the op-level tensors (4-D, 4-D mask, scale resolved); with
     dropout, PyTorch's math SDPA given the kernels' keep decisions for ``seed``."""
     gqa = k.shape[1] != q.shape[1]
     if dropout_p:
+        if mask is not None and mask.dtype == torch.bool:  # the aten op adds a bool mask as 0 / 1
+            mask = additive_mask(mask, q.dtype)
         batch, heads, length, _ = q.shape
         keep = dropout.keep_mask(dropout.seed_value(seed), dropout_p, batch, heads, length, k.shape[2], q.device)
         return _math_sdpa(q, k, v, mask, dropout_p, causal, keep, scale=scale, enable_gqa=gqa)[0]
@@ -336,17 +338,19 @@ def additive_mask(mask, dtype):
     return mask.new_full(mask.shape, -math.inf, dtype=dtype).masked_fill_(mask, 0.0)
 
 
-def _additive_mask_4d(mask, q, kv_len):
-    """``mask`` as the kernel contract wants it: additive, q's dtype, [Bm, Hm, Sq, Sk]."""
-    return _expand_mask(_mask_4d(mask, q), q.shape[-2], kv_len)
+def kernel_mask_4d(mask, q, kv_len, reads_bool=False):
+    """``mask`` as the kernel contract wants it: [Bm, Hm, Sq, Sk], additive in q's dtype,
+    or a bool mask as it is (a view) for a kernel that ``reads_bool_masks``."""
+    return _expand_mask(_mask_4d(mask, q, reads_bool), q.shape[-2], kv_len)
 
 
 def _expand_mask(mask, q_len, kv_len):
     return mask.expand(mask.shape[0], mask.shape[1], q_len, kv_len)
 
 
-def _mask_4d(mask, q):
-    """``mask`` additive, in q's dtype, 4-D [Bm, Hm, Sq or 1, Sk or 1]: not yet expanded."""
+def _mask_4d(mask, q, reads_bool=False):
+    """``mask`` 4-D [Bm, Hm, Sq or 1, Sk or 1], not yet expanded: additive in q's dtype, or
+    bool as it is (views only) when ``reads_bool``."""
     rank = q.dim()
     if mask.dim() < rank:
         mask = mask.view((1,) * (rank - mask.dim()) + tuple(mask.shape))
@@ -357,7 +361,7 @@ def _mask_4d(mask, q):
             mask = mask.reshape(1, *mask.shape[-3:])
         else:
             mask = mask.expand(*q.shape[:-3], *mask.shape[-3:]).reshape(-1, *mask.shape[-3:])
-    if mask.dtype == torch.bool:  # converted before broadcasting, to stay small
+    if mask.dtype == torch.bool and not reads_bool:  # converted before broadcasting, to stay small
         mask = additive_mask(mask, q.dtype)
     return mask
 
@@ -367,7 +371,7 @@ def attention(kernel, q, k, v, mask, causal, scale, needs_grad, dropout_p=0.0):
     kernel raises: the dispatcher then answers the call with PyTorch's SDPA."""
     layout = kernel.layout
     if mask is not None:
-        mask = _mask_4d(mask, q)
+        mask = _mask_4d(mask, q, kernel.reads_bool_masks)
         if mask.requires_grad and any(stride == 0 and size > 1 for size, stride in zip(mask.shape, mask.stride())):
             # an expanded view of a learned bias: autograd wants its gradient per element
             # (and sums it itself), where a kernel sums over every dim of stride 0

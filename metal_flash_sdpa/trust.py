@@ -4,8 +4,8 @@ Before a kernel variant answers a user's call for the first time, it runs on a s
 problem, synchronously, and is compared with PyTorch's math SDPA by ``check``'s rule (the
 kernel's tolerances, or no further from float64 than twice PyTorch's own error). A variant is
 what makes a distinct compiled kernel: the kernel, the device, dtype, head dims, head counts,
-scale, causal, mask kind (none, broadcast over heads, per head; the kernel always sees an
-additive mask) and the stage: "forward", or "backward" (the forward it reads, then the
+scale, causal, mask kind (none, or additive or bool, each broadcast over heads or per head:
+a kernel that reads bool masks compiles another kernel for them) and the stage: "forward", or "backward" (the forward it reads, then the
 backward), checked when a backward is first asked for.
 
 Verdicts are kept in memory (``verify`` is one dict lookup for a known variant) and on disk,
@@ -49,7 +49,7 @@ FORMAT = 1
 # ragged in both. A call's own shorter lengths are kept, and equal lengths stay equal.
 CANARY_LENGTHS = (67, 149)
 SEED = 16
-MASK_KINDS = ("none", "broadcast", "per-head")
+MASK_KINDS = ("none", "broadcast", "per-head", "bool broadcast", "bool per-head")
 
 mode = config.selfcheck_mode()  # "on", "off" or "always"; tests set it directly
 
@@ -86,13 +86,13 @@ class SelfCheckFailed(RuntimeError):
 
 
 def verify(kernel, stage, q, k, v, mask, scale, causal) -> None:
-    """Return when the variant of this op-level call (4-D tensors, additive 4-D mask, scale
+    """Return when the variant of this op-level call (4-D tensors, 4-D mask, scale
     resolved) may run on ``kernel`` in ``stage``; raise SelfCheckFailed when it failed its
     self-check. The first call of a variant checks it (one thread; the others wait)."""
     if mode == "off":
         return
     shape = q.shape
-    mask_kind = 0 if mask is None else 1 if mask.shape[1] == 1 else 2
+    mask_kind = 0 if mask is None else _mask_kind(mask.dtype == torch.bool, mask.shape[1] != 1)
     key = (kernel, q.device, stage, q.dtype, shape[1], k.shape[1], shape[3], v.shape[3], scale, causal, mask_kind)
     failed = _known.get(key, _UNKNOWN)
     if failed is None:
@@ -102,6 +102,11 @@ def verify(kernel, stage, q, k, v, mask, scale, causal) -> None:
         if failed is None:
             return
     raise SelfCheckFailed(kernel, stage, describe(key), failed)
+
+
+def _mask_kind(is_bool, per_head) -> int:
+    """The index in MASK_KINDS of a mask."""
+    return 1 + per_head + 2 * is_bool
 
 
 def describe(key) -> str:
@@ -228,11 +233,11 @@ def _canary(key, q_len, kv_len):
     q, k, v = randn(1, q_heads, q_len, head_dim), randn(1, kv_heads, kv_len, head_dim), randn(1, kv_heads, kv_len, value_dim)
     mask = None
     if mask_kind:
-        mask = randn(1, q_heads if mask_kind == 2 else 1, q_len, kv_len)
+        mask = randn(1, q_heads if mask_kind % 2 == 0 else 1, q_len, kv_len)
         blocked = torch.rand(mask.shape, generator=generator) < 0.25
         rows = torch.arange(q_len)
         blocked[..., rows, rows % kv_len] = False  # every row attends to some key
-        mask.masked_fill_(blocked, -math.inf)
+        mask = ~blocked if mask_kind > 2 else mask.masked_fill_(blocked, -math.inf)
     grad_out = randn(1, q_heads, q_len, value_dim) if stage == "backward" else None
     cpu = (q, k, v, mask, grad_out)
     q, k, v, mask, grad_out = (None if t is None else t.to(device) for t in cpu)
@@ -245,7 +250,7 @@ def _canary(key, q_len, kv_len):
             ours += kernel.backward(ops.to_layout(grad_out, layout), *tensors, out, lse, scale, causal, mask)
         ours = [t.cpu() for t in ours]  # waits for the device: its errors surface here
         theirs = _math_sdpa(q, k, v, mask, scale, causal, grad_out)
-    q, k, v, mask, grad_out = (None if t is None else t.double() for t in cpu)
+    q, k, v, mask, grad_out = (t if t is None or t.dtype == torch.bool else t.double() for t in cpu)
     return ours, theirs, _math_sdpa(q, k, v, mask, scale, causal, grad_out)
 
 
@@ -254,6 +259,9 @@ def _math_sdpa(q, k, v, mask, scale, causal, grad_out):
     not sdpa_kernel(MATH): that flips process-wide backend flags, and calls in other threads
     would then fall back (rules.BACKENDS) while a self-check runs."""
     from . import ops
+
+    if mask is not None and mask.dtype == torch.bool:  # the aten op adds a bool mask as 0 / 1
+        mask = ops.additive_mask(mask, q.dtype)
 
     def attention(q, k, v):
         gqa = k.shape[1] != q.shape[1]
@@ -309,7 +317,7 @@ def calibrate(kernel, q, k, v, mask, causal, scale, gqa, pytorch):
     with lock:
         if found in _choices:  # another thread calibrated it while this one waited
             return _choices[found]
-        mask_kind = 0 if mask is None else 2 if call.mask_per_head else 1
+        mask_kind = 0 if mask is None else _mask_kind(mask.dtype == torch.bool, call.mask_per_head)
         variant = (kernel, q.device, "calibration", q.dtype, call.q_heads, call.kv_heads, call.head_dim,
                    call.value_dim, call.softmax_scale, causal, mask_kind)
         stored_as = store_key(variant, q_bucket=found[1], kv_bucket=found[2])

@@ -126,8 +126,9 @@ uint64_t max_buffer_length() {
 // kMaxPipelineShapes new shapes. Counted per call shape (forward and backward apart; a
 // sliced call makes pipelines for at most two slice shapes: mfa_params.hpp, runs).
 constexpr size_t kMaxPipelineShapes = 64;
-// B R C Hq Hk D dtype backward scale causal, and the mask's strides (-1: no mask)
-using PipelineShape = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, bool, float, bool, int64_t, int64_t, int64_t>;
+// B R C Hq Hk D dtype backward scale causal, and the mask's strides (-1: no mask) and kind
+using PipelineShape =
+    std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, bool, float, bool, int64_t, int64_t, int64_t, bool>;
 std::set<PipelineShape> g_pipeline_shapes;
 
 // Evicts ccv's pipelines when `shape` would be one too many. Waits for the stream first, so
@@ -195,7 +196,8 @@ void encode(const mfa_sdpa::Shape& s, mfa_sdpa::DType dtype, float scale, bool b
   const mfa_sdpa::MaskStrides no_mask{-1, -1, -1};
   const mfa_sdpa::MaskStrides& m = mask ? *mask : no_mask;
   admit_pipeline_shape(context, stream,
-                       {s.B, s.R, s.C, s.Hq, s.Hk, s.D, int(dtype), backward, scale, causal, m.batch, m.head, m.row});
+                       {s.B, s.R, s.C, s.Hq, s.Hk, s.D, int(dtype), backward, scale, causal, m.batch, m.head, m.row,
+                        m.is_bool});
   // Held from before prepare, which grows the scratch (as the engine's driver does).
   const mfa_sdpa::ScratchKeeper scratch(context);
   ccv_call("building the MFA kernels", [&] {
@@ -244,9 +246,10 @@ void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected
 }
 
 // The attention mask as the op layer hands it (kernels/mfa.py, keys_contiguous): additive in
-// q's dtype, [Bm, Hm, R, C] with Bm in (1, B) and Hm in (1, Hq), keys contiguous, other
-// dims at any stride (0 where it broadcasts, so expanded views are read in place). Its
-// strides as the kernels read them (our patch 0008); none without a mask.
+// q's dtype or bool (read as it is, a byte an element: patch 0012), [Bm, Hm, R, C] with Bm
+// in (1, B) and Hm in (1, Hq), keys contiguous, other dims at any stride (0 where it
+// broadcasts, so expanded views are read in place). Its strides and kind as the kernels
+// read them (our patch 0008); none without a mask.
 std::optional<mfa_sdpa::MaskStrides> check_mask(const std::optional<at::Tensor>& mask, const at::Tensor& q,
                                                 const mfa_sdpa::Shape& s) {
   if (!mask.has_value()) {
@@ -255,8 +258,9 @@ std::optional<mfa_sdpa::MaskStrides> check_mask(const std::optional<at::Tensor>&
   const at::Tensor& m = *mask;
   TORCH_CHECK(m.defined() && m.dim() == 4, "metal_flash_sdpa: mask must be 4-D [batch, heads, q_len, kv_len]");
   TORCH_CHECK(m.device() == q.device(), "metal_flash_sdpa: mask is on ", m.device(), ", query on ", q.device());
-  TORCH_CHECK(m.scalar_type() == q.scalar_type(), "metal_flash_sdpa: mask must be ", q.scalar_type(), ", got ",
-              m.scalar_type());
+  const bool is_bool = m.scalar_type() == at::kBool;
+  TORCH_CHECK(is_bool || m.scalar_type() == q.scalar_type(), "metal_flash_sdpa: mask must be bool or ",
+              q.scalar_type(), ", got ", m.scalar_type());
   TORCH_CHECK((m.size(0) == 1 || m.size(0) == s.B) && (m.size(1) == 1 || m.size(1) == s.Hq) && m.size(2) == s.R &&
                   m.size(3) == s.C,
               "metal_flash_sdpa: mask of shape ", m.sizes(), " does not broadcast to [", s.B, ", ", s.Hq, ", ", s.R,
@@ -264,7 +268,7 @@ std::optional<mfa_sdpa::MaskStrides> check_mask(const std::optional<at::Tensor>&
   TORCH_CHECK(m.stride(3) == 1 || s.C == 1, "metal_flash_sdpa: mask keys must be contiguous");
   TORCH_CHECK(m.storage().data() != nullptr, "metal_flash_sdpa: mask has no storage");
   auto stride = [&](int dim) { return m.size(dim) == 1 ? int64_t(0) : m.stride(dim); };
-  return mfa_sdpa::MaskStrides{stride(0), stride(1), stride(2)};
+  return mfa_sdpa::MaskStrides{stride(0), stride(1), stride(2), is_bool};
 }
 
 // q [B, R, Hq, D], k and v [B, C, Hk, D], within what the pinned ccv computes correctly.
@@ -292,7 +296,7 @@ mfa_sdpa::Shape check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Te
 
 // out [B, R, H, D] (q's dtype), lse [B, H, R] float32: preallocated by the caller.
 // causal: torch's is_causal, top-left (query i attends keys j <= i; patch 0007).
-// mask: an additive attention mask (check_mask; patch 0008), or None.
+// mask: an attention mask, additive or bool (check_mask; patches 0008, 0012), or None.
 void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const at::Tensor& out, const at::Tensor& lse, double scale, bool causal,
                        const std::optional<at::Tensor>& mask) {
@@ -393,7 +397,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Metal FlashAttention (ccv MFA v2) encoded on PyTorch's MPS stream";
   m.def("attention_forward", &attention_forward,
         "Writes out and lse (float32 [B, H, R]: log2-sum-exp of the scaled scores; with a mask, in natural "
-        "units) for q [B, R, H, D], k and v [B, C, H, D], and an optional additive mask [B or 1, H or 1, R, C].",
+        "units) for q [B, R, H, D], k and v [B, C, H, D], and an optional mask [B or 1, H or 1, R, C], additive in q's dtype or bool.",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("scale"), py::arg("causal"),
         py::arg("mask") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("attention_backward", &attention_backward,

@@ -58,10 +58,12 @@ constexpr std::int64_t kMaxElements = 0xFFFFFFFFll;
 // The end of ccv's parameter tables (v2/AttentionDescriptor.cpp).
 constexpr std::int64_t kMaxHeadDim = 384;
 
-// An additive attention mask in q's dtype (our patch 0008): element (b, h, i, j) at
-// b * batch + h * head + i * row + j; a stride is 0 where the mask broadcasts.
+// An attention mask (our patch 0008): element (b, h, i, j) at b * batch + h * head +
+// i * row + j; a stride is 0 where the mask broadcasts. Additive in q's dtype, or torch's
+// bool read as it is, a byte an element (is_bool, our patch 0012).
 struct MaskStrides {
   std::int64_t batch, head, row;
+  bool is_bool = false;
 };
 
 // Elements from the mask's first to its last, the span its strides reach.
@@ -189,7 +191,7 @@ inline std::string check_scratch(const Shape& s, DType dtype, bool backward, std
 
 // ccv's params for the forward (backward = false) or the backward (dQ, then dK/dV);
 // causal: torch's is_causal, top-left (query i attends keys j <= i; our patch 0007);
-// mask: an additive mask's strides, or none (our patch 0008).
+// mask: the mask's strides and kind, or none (our patches 0008, 0012).
 // tensor_heads: the query and key/value heads of the tensors a head slice is part of
 // (patch 0011); {0, 0} for a call on whole tensors.
 inline ccv_nnc_mfa_attention_params_t make_params(const Shape& s, DType dtype, float scale, bool backward, bool causal,
@@ -214,6 +216,7 @@ inline ccv_nnc_mfa_attention_params_t make_params(const Shape& s, DType dtype, f
     p.mask_strides[0] = std::uint32_t(mask->batch);
     p.mask_strides[1] = std::uint32_t(mask->head);
     p.mask_strides[2] = std::uint32_t(mask->row);
+    p.mask_bool = mask->is_bool ? 1 : 0;
   }
   // batch_dims_q is zero-terminated; one entry of B is the whole batch.
   p.batched = s.B > 1 ? 1 : 0;
@@ -235,7 +238,8 @@ struct Launch {
 // Every ccv call the bridge (and the engine's driver) encodes for one SDPA call, in order.
 inline std::vector<Launch> launches(const Shape& s, DType dtype, float scale, bool backward, bool causal,
                                     const MaskStrides* mask = nullptr, std::uint64_t budget = kScratchBudget) {
-  const std::uint64_t es = is_half(dtype) ? 2 : 4;  // q's dtype; masks are additive in it
+  const std::uint64_t es = is_half(dtype) ? 2 : 4;  // q's dtype, and an additive mask's
+  const std::uint64_t mask_es = mask && mask->is_bool ? 1 : es;
   std::vector<Launch> out;
   for (const Slice& p : plan_slices(s, dtype, backward, budget)) {
     Launch launch{make_params(slice_shape(s, p), dtype, scale, backward, causal, mask, {s.Hq, s.Hk}), {}};
@@ -243,7 +247,7 @@ inline std::vector<Launch> launches(const Shape& s, DType dtype, float scale, bo
     const std::uint64_t q = es * std::uint64_t((p.b0 * s.R * s.Hq + p.q0) * s.D);
     const std::uint64_t kv = es * std::uint64_t((p.b0 * s.C * s.Hk + p.k0) * s.D);
     const std::uint64_t lse = 4 * std::uint64_t((p.b0 * s.Hq + p.q0) * s.R);
-    const std::uint64_t m = mask ? es * std::uint64_t(p.b0 * mask->batch + p.q0 * mask->head) : 0;
+    const std::uint64_t m = mask ? mask_es * std::uint64_t(p.b0 * mask->batch + p.q0 * mask->head) : 0;
     std::uint64_t* o = launch.offsets;
     if (backward) {
       o[kBwdQ] = o[kBwdO] = o[kBwdDO] = o[kBwdDQ] = q;

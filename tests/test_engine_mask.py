@@ -1,8 +1,9 @@
-"""Rung 4 (DESIGN section 10) for ``attn_mask``: our patch 0008 (issue #11 items 2 to 4).
+"""Rung 4 (DESIGN section 10) for ``attn_mask``: our patches 0008 (issue #11 items 2 to 4)
+and 0012 (bool masks as bytes, issue 18 item 2).
 
-The op layer hands the kernel an additive mask in q's dtype (a bool mask as 0 / -inf),
-[Bm, Hm, Sq, Sk] and possibly a broadcast view; the kernels read it in place through its
-strides. Each case is encoded through ccv's own encode path with the strides the bridge
+The op layer hands the kernel the user's bool mask as it is, or an additive mask in q's
+dtype, [Bm, Hm, Sq, Sk] and possibly a broadcast view; the kernels read it in place
+through its strides. Each case is encoded through ccv's own encode path with the strides the bridge
 passes, executed on the CPU on the masks tools/engine/masks.py makes (padding per batch,
 query rows without any key, per-head holes; additive: ALiBi-like biases, rows masked with
 -inf and with finfo.min: float32's in the matrix, the half types' in tests of their own),
@@ -169,10 +170,29 @@ def test_mask_strides_as_the_bridge_passes_them():
         if shape == "LS":
             user = user[0, 0]
         q = torch.zeros(2, 3, 5, 8)
-        mask = keys_contiguous(ops._additive_mask_4d(user, q, 7))
-        strides = tuple(0 if size == 1 else stride for size, stride in zip(mask.shape[:3], mask.stride()[:3]))
-        assert strides == call.mask_strides(), shape
-        assert mask.untyped_storage().nbytes() == mask.element_size() * torch.Size(call.mask_dims()).numel()
+        for reads_bool in (False, True):
+            mask = keys_contiguous(ops.kernel_mask_4d(user, q, 7, reads_bool))
+            strides = tuple(0 if size == 1 else stride for size, stride in zip(mask.shape[:3], mask.stride()[:3]))
+            assert strides == call.mask_strides(), shape
+            assert mask.untyped_storage().nbytes() == mask.element_size() * torch.Size(call.mask_dims()).numel()
+            assert (mask.dtype == torch.bool) == reads_bool
+        assert mask.untyped_storage().data_ptr() == user.untyped_storage().data_ptr()  # MFA's: the user's
+
+
+def test_bool_mask_as_bytes_is_its_additive_form(engine):
+    # Patch 0012: a bool mask read as bytes gives the 0 / -inf copy's results bit for bit,
+    # forward and backward, each kernel family and copy mode.
+    for case in (bool_("apple7", "fp16", 130, 97, 4, 2, mask_shape="BHLS"), bool_("apple9", "bf16", 33, 31, 4, 1, mask_shape="B11S"),
+                 bool_("apple9", "fp32", 33, 31, head_dim=128, macos=15)):
+        call = case.call()
+        inputs = execute.random_inputs(call, seed=7)
+        as_bytes = execute.execute(encode.encode(call, check_refusal=False), inputs).outputs
+        additive_call = dataclasses.replace(case, mask="additive").call()
+        inputs["mask"] = inputs["kernel_mask"] = masks.additive(inputs["mask"], inputs["q"].dtype)
+        as_additive = execute.execute(encode.encode(additive_call, check_refusal=False), inputs).outputs
+        assert as_bytes.keys() == as_additive.keys() == {"out", "lse", "dq", "dk", "dv"}
+        for name, tensor in as_bytes.items():
+            assert torch.equal(tensor, as_additive[name]), (case, name)
 
 
 # -- wrong variants: each must fail -------------------------------------------------------------
@@ -191,13 +211,25 @@ MUTATIONS = {
     ),
     # -inf taken as a finite value (floored): a row without keys attends them uniformly
     "minus_inf_as_finite": (
-        bool_("apple9", "fp32", 97, 130),
+        additive("apple9", "fp32", 97, 130),
         (KERNELS, "mask_bits != 0xFF800000u", "mask_bits != 0u"),
     ),
     # float16's -inf bits not recognised
     "minus_inf_as_finite_fp16": (
-        bool_("apple7", "fp16", 97, 130, 4, 2),
+        additive("apple7", "fp16", 97, 130, 4, 2),
         (KERNELS, "mask_bits != 0xFC00", "mask_bits != 0"),
+    ),
+    # a bool mask's False read as attend
+    "bool_false_attended": (
+        bool_("apple7", "bf16", 97, 130, 4, 2, mask_shape="BHLS"),
+        (KERNELS, "mask_bits != 0)", "mask_bits != 2)"),
+    ),
+    # a bool mask read as additive (its bytes as half floats)
+    "bool_read_as_additive": (
+        bool_("apple9", "fp16", 97, 130),
+        (KERNELS, "const device uchar* mask", "const device half* mask"),
+        (KERNELS, "(const device uchar*)(", "(const device ushort*)("),
+        (KERNELS, "mask_bits != 0)", "mask_bits != 0xFC00)"),
     ),
     # a row at the floor stores m + log(l): log(l) rounds away at 2^17
     "floor_rows_untagged": (

@@ -64,6 +64,9 @@ class Kernel:
     mask_forward = False
     mask_backward = False
     mask_per_head = False  # False: masks must broadcast over heads
+    # Whether ``forward``/``backward`` take a bool mask as it is; else the op layer converts
+    # it to 0 / -inf in q's dtype on every call, at the mask's size.
+    reads_bool_masks = False
     # Attention dropout with metal_flash_sdpa.dropout's keep decisions, forward and backward
     supports_dropout = False
     # The gradient of an additive mask (learned biases: T5's relative positions, ALiBi-like)
@@ -133,9 +136,10 @@ class Kernel:
         ``out``: logical ``[B, Hq, Sq, Dv]`` in q's dtype, memory contiguous in ``layout``
         order. ``lse``: ``[B, Hq, Sq]``, contiguous, float32 (float64 for float64 inputs);
         the kernel's own per-row statistic, read only by its backward.
-        ``mask`` is None or an additive mask in q's dtype, 4-D ``[Bm, Hm, Sq, Sk]`` with
-        ``Bm`` in (1, B) and ``Hm`` in (1, Hq), possibly a broadcast (stride-0) view; the
-        op layer converted a bool mask (True = attend) to 0 / -inf.
+        ``mask`` is None or a mask, 4-D ``[Bm, Hm, Sq, Sk]`` with ``Bm`` in (1, B) and
+        ``Hm`` in (1, Hq), possibly a broadcast (stride-0) view: additive in q's dtype, or
+        the user's bool mask (True = attend, a view of it) for a kernel that
+        ``reads_bool_masks``; for others the op layer converted it to 0 / -inf.
         ``dropout``: passed only to a kernel that ``supports_dropout``, and only when the call
         drops: ``(p, seed)``, 0 < p < 1 and a 64-bit seed; probabilities are kept as
         ``metal_flash_sdpa.dropout.keep_mask`` decides and scaled by 1/(1-p), after the

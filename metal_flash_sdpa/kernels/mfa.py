@@ -14,7 +14,8 @@ executor (``tools/engine``; ``verified_rung``):
   backward (patch 0007: tiles above the diagonal skipped by loop bounds, the diagonal
   tiles masked);
 - ``attn_mask``, bool or additive, broadcast over batch and heads or per head, forward and
-  backward (patch 0008: read in place through its strides, never expanded; rows without
+  backward (patch 0008: read in place through its strides, never expanded, a bool mask as
+  its bytes, never converted: patch 0012; rows without
   any key give 0, rows masked whole with a large finite value attend uniformly, as in
   PyTorch), not together with ``is_causal`` (PyTorch raises for that);
 - heads x head dim under 65536 and tensors (masks included) under 2**32 elements (16-bit
@@ -128,6 +129,7 @@ class MFAKernel(Kernel):
     mask_forward = True
     mask_backward = True
     mask_per_head = True
+    reads_bool_masks = True  # patch 0012: a byte an element, never converted
     # (atol, rtol) for out, dq, dk, dv, from the CPU executor (tools/engine/execute.py: the
     # emitted kernels against float64 PyTorch on the same dtype-rounded inputs) over
     # tests/test_engine_execute.py's matrix with MFA_ENGINE_FULL=1 (every table row, both GPU

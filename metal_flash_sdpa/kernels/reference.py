@@ -29,6 +29,7 @@ class ReferenceKernel(Kernel):
     mask_forward = True
     mask_backward = True
     mask_per_head = True
+    reads_bool_masks = True
     supports_dropout = True
     supports_mask_grad = True
     # Against PyTorch's SDPA in the same dtype: (atol, rtol) for outputs and gradients.
@@ -74,7 +75,9 @@ class ReferenceKernel(Kernel):
 
     def _scores(self, q_block, k, scale, mask, causal, start, stop):
         scores = torch.matmul(q_block, k.transpose(-1, -2)).mul_(scale)
-        if mask is not None:
+        if mask is not None and mask.dtype == torch.bool:
+            scores.masked_fill_(~mask[..., start:stop, :], -_INF)
+        elif mask is not None:
             scores.add_(mask[..., start:stop, :])
         if causal:  # PyTorch's is_causal: top-left aligned, row i sees keys 0..i
             rows = torch.arange(start, stop, device=scores.device).unsqueeze(-1)

@@ -5,7 +5,7 @@
 // CPU executions.
 //
 //   driver --dtype fp16 --batch B --heads H --kv-heads HK --q-len R --kv-len C --head-dim D
-//          [--grad] [--causal] [--mask-strides B,H,ROW] [--gpu apple7|apple9] [--macos N] [--scale S]
+//          [--grad] [--causal] [--mask-strides B,H,ROW [--mask-bool]] [--gpu apple7|apple9] [--macos N] [--scale S]
 //          [--os-reports V] [--offset BYTES]
 //          [--async-copies auto|on|off] [--fault empty-library|nil-pipeline|no-memory]
 //          [--no-prepare] [--same-command-buffer] [--no-keep-scratch] [--scratch-budget BYTES]
@@ -36,7 +36,8 @@
 //
 // --mask-strides: an additive attention mask in the call's dtype, with these strides in
 // elements (batch, query head, query row; 0 where it broadcasts), in a buffer "mask" of
-// the span they reach (mfa_params.hpp, mask_span).
+// the span they reach (mfa_params.hpp, mask_span); with --mask-bool a bool mask instead, a
+// byte an element (patch 0012).
 //
 // Exit 0 with the record; 2 (JSON {"refused": ...}) when the bridge would refuse the call;
 // 3 (JSON {"error": ...}) when ccv raised.
@@ -101,6 +102,8 @@ Options parse(int argc, char** argv) {
       o.masked = true;
       if (std::sscanf(value().c_str(), "%" SCNd64 ",%" SCNd64 ",%" SCNd64, &o.mask.batch, &o.mask.head, &o.mask.row) != 3)
         usage("--mask-strides takes B,H,ROW");
+    } else if (a == "--mask-bool") {
+      o.mask.is_bool = true;
     } else if (a == "--grad") {
       o.grad = true;
     } else if (a == "--compile-source") {
@@ -338,7 +341,7 @@ int run(const Options& o) {
   Tensor q = tensor("q", q_elements, es, o.offset), k = tensor("k", kv_elements, es, o.offset),
          v = tensor("v", kv_elements, es, o.offset), out = tensor("o", q_elements, es, o.offset),
          lse = tensor("lse", lse_elements, 4, o.offset);
-  const Tensor mask_tensor = mask ? tensor("mask", mfa_sdpa::mask_span(s, *mask), es, o.offset) : Tensor{nullptr, 0};
+  const Tensor mask_tensor = mask ? tensor("mask", mfa_sdpa::mask_span(s, *mask), mask->is_bool ? 1 : es, o.offset) : Tensor{nullptr, 0};
   Tensor forward[mfa_sdpa::kForwardBuffers] = {q, k, v, out, mask_tensor, lse};
   CommandBuffer command_buffer{o.keep_scratch, {}};
   encode(o.prepare, context, mfa_sdpa::launches(s, o.dtype, float(o.scale), false, o.causal, mask, o.scratch_budget),

@@ -14,8 +14,8 @@ from . import build
 _BUFFER = re.compile(r"\[\[buffer\((\d+)\)\]\]")
 
 
-# The attn_mask shapes the engine runs, as the op layer hands them to the kernel: additive
-# in q's dtype, [Bm, Hm, R, C] (Bm in (1, B), Hm in (1, Hq)), stored compact and read
+# The attn_mask shapes the engine runs, as the op layer hands them to the kernel: bool (a
+# byte an element, patch 0012) or additive in q's dtype, [Bm, Hm, R, C] (Bm in (1, B), Hm in (1, Hq)), stored compact and read
 # through strides that are 0 where the shape broadcasts (no broadcast materialised).
 MASK_SHAPES = ("LS", "B1LS", "BHLS", "B11S")  # [R, C], [B, 1, R, C], [B, Hq, R, C], [B, 1, 1, C]
 
@@ -66,6 +66,7 @@ class Call:
             args += ["--scratch-budget", str(self.scratch_budget)]
         if self.mask != "none":
             args += ["--mask-strides", ",".join(map(str, self.mask_strides()))]
+            args += ["--mask-bool"] if self.mask == "bool" else []
         # the backward in the forward's command buffer, as PyTorch's stream may encode them:
         # the driver fails a run that releases a buffer a pending dispatch binds
         args += ["--grad", "--same-command-buffer"] if self.grad else []

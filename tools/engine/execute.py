@@ -122,7 +122,7 @@ class Execution:
 def random_inputs(call: encode.Call, seed: int) -> dict:
     """q, k, v and (with grad) do, standard normal, in the call's dtype and [B, S, H, D];
     with a mask, "mask" (the user's, ``masks.make``) and "kernel_mask" (as the op layer
-    hands it to the kernel: additive in the call's dtype, compact, [Bm, Hm, Rm, C])."""
+    hands it to the kernel: bool, or additive in the call's dtype; compact, [Bm, Hm, Rm, C])."""
     generator = torch.Generator().manual_seed(seed)
     dtype = call.torch_dtype
     shapes = {"q": (call.batch, call.q_len, call.heads, call.head_dim), "do": (call.batch, call.q_len, call.heads, call.head_dim)}
@@ -131,7 +131,7 @@ def random_inputs(call: encode.Call, seed: int) -> dict:
     inputs = {name: torch.randn(shapes[name], generator=generator).to(dtype) for name in names}
     if call.mask != "none":
         inputs["mask"] = masks.make(call, generator)
-        inputs["kernel_mask"] = masks.additive(inputs["mask"], dtype)
+        inputs["kernel_mask"] = masks.kernel_form(inputs["mask"], dtype)
     return inputs
 
 
@@ -144,7 +144,7 @@ def _tensor_layouts(call: encode.Call) -> dict:
     layouts["lse"] = (torch.float32, (call.batch, call.heads, call.q_len))
     layouts.update({"do": (dtype, qo), "dq": (dtype, qo), "dk": (dtype, kv), "dv": (dtype, kv)})
     if call.mask != "none":  # stored compact: its span is its element count
-        layouts["mask"] = (dtype, call.mask_dims())
+        layouts["mask"] = (torch.bool if call.mask == "bool" else dtype, call.mask_dims())
     return layouts
 
 

@@ -54,12 +54,18 @@ def make(call: encode.Call, generator: torch.Generator, finite_min_rows: Optiona
 
 
 def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The mask as the op layer hands it to the kernel: additive in q's dtype (a bool mask
-    converted by the op layer's own ``additive_mask``: 0 / -inf), compact."""
+    """The mask additive in ``dtype`` (a bool mask converted by the op layer's own
+    ``additive_mask``: 0 / -inf), compact."""
     import metal_flash_sdpa  # noqa: F401  (before the submodule: see README)
     from metal_flash_sdpa.ops import additive_mask
 
     return additive_mask(mask, dtype) if mask.dtype == torch.bool else mask.to(dtype)
+
+
+def kernel_form(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The mask as the op layer hands it to MFA: bool as it is (patch 0012), additive in
+    q's dtype, compact."""
+    return mask if mask.dtype == torch.bool else mask.to(dtype)
 
 
 def kernel_lse(scores: torch.Tensor, kernel_mask: torch.Tensor) -> torch.Tensor:
@@ -68,7 +74,7 @@ def kernel_lse(scores: torch.Tensor, kernel_mask: torch.Tensor) -> torch.Tensor:
     excluded, finite scores floored at MASK_FLOOR); MASK_FLOOR - count for a row whose keys
     all sit at the floor; MASK_EMPTY_ROW_L for a row without any key. ``scores``:
     [B, H, R, C], scaled."""
-    mask = kernel_mask.double()
+    mask = additive(kernel_mask, torch.float64)
     x = (scores + mask).clamp(min=MASK_FLOOR)
     x = torch.where(mask == -math.inf, torch.full_like(x, -math.inf), x)
     lse = torch.logsumexp(x, dim=-1)
