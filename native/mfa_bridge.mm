@@ -175,18 +175,33 @@ struct Bindings {
   }
 };
 
+// The layout of a masked call's tile summaries (patch 0013): ccv's kernels for the whole
+// call are built (prepare) to read their tiles. Under g_mutex.
+mfa_sdpa::MaskTilesLayout mask_tiles_layout_locked(ccv_nnc_mfa_context_t* context,
+                                                   const ccv_nnc_mfa_attention_params_t& whole) {
+  mfa_sdpa::MaskTilesLayout layout;
+  ccv_call("building the MFA kernels", [&] {
+    ccv_nnc_mfa_prepare_attention(context, whole);
+    ccv_nnc_mfa_attention_mask_tiles_layout(context, whole, layout.blocks, layout.entry_bytes);
+  });
+  return layout;
+}
+
 // Encodes on PyTorch's current MPS stream, in its serial queue, into its shared compute
 // encoder, as PyTorch's own custom-kernel example does (test/cpp_extensions/mps_extension.mm).
 // A long call is several ccv calls on slices of its batches or heads, one after another
-// on ccv's one scratch (mfa_params.hpp, launches; patch 0011). Kernels and pipelines are
-// built before (prepare), so the encode only reads ccv's caches. Nothing is committed
-// here: PyTorch commits the command buffer when its own ops would.
+// on ccv's one scratch (mfa_params.hpp, launches; patch 0011). A masked call's kernels
+// read the mask's tile summaries (patch 0013), which `summarize` encodes first, from the
+// mask, for the whole call; else the caller's summaries of this very mask are read as
+// they are. Kernels and pipelines are built before (prepare), so the encode only reads
+// ccv's caches. Nothing is committed here: PyTorch commits the command buffer when its
+// own ops would.
 void encode(const mfa_sdpa::Shape& s, mfa_sdpa::DType dtype, float scale, bool backward, bool causal,
-            const std::optional<mfa_sdpa::MaskStrides>& mask, Bindings& bindings) {
+            const std::optional<mfa_sdpa::MaskStrides>& mask, Bindings& bindings, bool summarize,
+            const std::vector<int64_t>& summary_bytes) {
   const std::string bad_scale = mfa_sdpa::check_scale(scale);
   TORCH_CHECK(bad_scale.empty(), "metal_flash_sdpa: MFA refuses this call: ", bad_scale);
-  const std::vector<mfa_sdpa::Launch> launches =
-      mfa_sdpa::launches(s, dtype, scale, backward, causal, mask ? &*mask : nullptr);
+  const mfa_sdpa::MaskStrides* mask_strides = mask ? &*mask : nullptr;
   std::lock_guard<std::mutex> lock(g_mutex);
   ccv_nnc_mfa_context_t* context = context_locked();
   TORCH_CHECK(ccv_nnc_mfa_context_supported(context),
@@ -200,6 +215,17 @@ void encode(const mfa_sdpa::Shape& s, mfa_sdpa::DType dtype, float scale, bool b
                         m.is_bool});
   // Held from before prepare, which grows the scratch (as the engine's driver does).
   const mfa_sdpa::ScratchKeeper scratch(context);
+  // The whole call's params: the summaries are of the whole mask, whatever the slices.
+  const ccv_nnc_mfa_attention_params_t whole = mfa_sdpa::make_params(s, dtype, scale, backward, causal, mask_strides);
+  mfa_sdpa::MaskTilesLayout layout;
+  if (mask) {
+    layout = mask_tiles_layout_locked(context, whole);
+    for (int kernel = 0; kernel < (backward ? 2 : 1); ++kernel)
+      TORCH_CHECK(summary_bytes.at(kernel) >= int64_t(layout.bytes(s, *mask, kernel)), "metal_flash_sdpa: a mask tile summary of ",
+                  summary_bytes.at(kernel), " bytes; ", layout.bytes(s, *mask, kernel), " needed");
+  }
+  const std::vector<mfa_sdpa::Launch> launches = mfa_sdpa::launches(s, dtype, scale, backward, causal, mask_strides,
+                                                                    mfa_sdpa::kScratchBudget, mask ? &layout : nullptr);
   ccv_call("building the MFA kernels", [&] {
     for (const mfa_sdpa::Launch& launch : launches) ccv_nnc_mfa_prepare_attention(context, launch.params);
   });
@@ -207,6 +233,9 @@ void encode(const mfa_sdpa::Shape& s, mfa_sdpa::DType dtype, float scale, bool b
     id<MTLComputeCommandEncoder> encoder = stream->commandEncoder();
     // The command buffer is PyTorch's: ccv only encodes into the borrowed encoder.
     MTL::CommandBatch batch(nullptr, (__bridge MTL::ComputeCommandEncoder*)encoder);
+    if (mask && summarize) {
+      ccv_nnc_mfa_encode_attention_mask_tiles(context, whole, &batch, bindings.buffers, bindings.offsets);
+    }
     for (const mfa_sdpa::Launch& launch : launches) {
       size_t offsets[mfa_sdpa::kBackwardBuffers];
       for (int i = 0; i < mfa_sdpa::kBackwardBuffers; ++i) offsets[i] = bindings.offsets[i] + launch.offsets[i];
@@ -268,7 +297,8 @@ std::optional<mfa_sdpa::MaskStrides> check_mask(const std::optional<at::Tensor>&
   TORCH_CHECK(m.stride(3) == 1 || s.C == 1, "metal_flash_sdpa: mask keys must be contiguous");
   TORCH_CHECK(m.storage().data() != nullptr, "metal_flash_sdpa: mask has no storage");
   auto stride = [&](int dim) { return m.size(dim) == 1 ? int64_t(0) : m.stride(dim); };
-  return mfa_sdpa::MaskStrides{stride(0), stride(1), stride(2), is_bool};
+  // MFA's masked kernels always read the mask's tile summaries (patch 0013)
+  return mfa_sdpa::MaskStrides{stride(0), stride(1), stride(2), is_bool, /*tiles=*/true};
 }
 
 // q [B, R, Hq, D], k and v [B, C, Hk, D], within what the pinned ccv computes correctly.
@@ -292,16 +322,53 @@ mfa_sdpa::Shape check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Te
   return s;
 }
 
+// A mask's tile summaries (patch 0013) as the caller hands them: one uint8 MPS tensor a
+// kernel of the pass (mask_tiles_bytes), none without a mask; their sizes, checked
+// against ccv's layout in encode.
+std::vector<int64_t> check_mask_tiles(const std::vector<at::Tensor>& tiles, const std::optional<at::Tensor>& mask,
+                                      const at::Tensor& q, bool backward) {
+  TORCH_CHECK(tiles.size() == (mask ? (backward ? 2u : 1u) : 0u), "metal_flash_sdpa: ", tiles.size(),
+              " mask tile summaries for a ", mask ? "masked " : "", backward ? "backward" : "forward");
+  std::vector<int64_t> bytes;
+  for (const at::Tensor& t : tiles) {
+    check_tensor(t, "mask_tiles", q, at::kByte);
+    bytes.push_back(t.numel());
+  }
+  return bytes;
+}
+
 }  // namespace
+
+// The bytes of each tile summary of a masked call (patch 0013): the forward's, or the
+// backward-query's and backward-key-value's; builds the call's kernels.
+std::vector<int64_t> mask_tiles_bytes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                                      bool causal, const at::Tensor& mask, bool backward) {
+  std::optional<mfa_sdpa::MaskStrides> strides;
+  const mfa_sdpa::Shape s = check_qkv(q, k, v, backward, mask, strides);
+  const mfa_sdpa::DType dtype = dtype_of(q.scalar_type());
+  std::lock_guard<std::mutex> lock(g_mutex);
+  ccv_nnc_mfa_context_t* context = context_locked();
+  TORCH_CHECK(ccv_nnc_mfa_context_supported(context),
+              "metal_flash_sdpa: this GPU is not supported by MFA (needs Apple7 or newer)");
+  const mfa_sdpa::MaskTilesLayout layout =
+      mask_tiles_layout_locked(context, mfa_sdpa::make_params(s, dtype, float(scale), backward, causal, &*strides));
+  std::vector<int64_t> bytes;
+  for (int kernel = 0; kernel < (backward ? 2 : 1); ++kernel) bytes.push_back(int64_t(layout.bytes(s, *strides, kernel)));
+  return bytes;
+}
 
 // out [B, R, H, D] (q's dtype), lse [B, H, R] float32: preallocated by the caller.
 // causal: torch's is_causal, top-left (query i attends keys j <= i; patch 0007).
-// mask: an attention mask, additive or bool (check_mask; patches 0008, 0012), or None.
+// mask: an attention mask, additive or bool (check_mask; patches 0008, 0012), or None;
+// mask_tiles: its tile summary (patch 0013), which `summarize` writes first, else one
+// the caller had written from this mask unchanged.
 void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const at::Tensor& out, const at::Tensor& lse, double scale, bool causal,
-                       const std::optional<at::Tensor>& mask) {
+                       const std::optional<at::Tensor>& mask, const std::vector<at::Tensor>& mask_tiles,
+                       bool summarize) {
   std::optional<mfa_sdpa::MaskStrides> strides;
   const mfa_sdpa::Shape s = check_qkv(q, k, v, false, mask, strides);
+  const std::vector<int64_t> summary_bytes = check_mask_tiles(mask_tiles, mask, q, false);
   check_tensor(out, "out", q, q.scalar_type());
   check_shape(out, "out", {s.B, s.R, s.Hq, s.D});
   check_tensor(lse, "lse", q, at::kFloat);
@@ -314,7 +381,8 @@ void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   bindings.bind(mfa_sdpa::kFwdO, out);
   bindings.bind(mfa_sdpa::kFwdLSE, lse);  // ours, so ccv allocates no LSE scratch
   if (mask) bindings.bind(mfa_sdpa::kFwdMask, *mask);
-  encode(s, dtype_of(q.scalar_type()), float(scale), false, causal, strides, bindings);
+  if (mask) bindings.bind(mfa_sdpa::kFwdMaskTiles, mask_tiles[0]);
+  encode(s, dtype_of(q.scalar_type()), float(scale), false, causal, strides, bindings, summarize, summary_bytes);
 }
 
 // grad_out, dq [B, R, H, D]; dk, dv [B, C, H, D]; out and lse as attention_forward wrote
@@ -324,9 +392,11 @@ void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 void attention_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const at::Tensor& out, const at::Tensor& lse, const at::Tensor& grad_out,
                         const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, double scale,
-                        bool causal, const std::optional<at::Tensor>& mask) {
+                        bool causal, const std::optional<at::Tensor>& mask, const std::vector<at::Tensor>& mask_tiles,
+                        bool summarize) {
   std::optional<mfa_sdpa::MaskStrides> strides;
   const mfa_sdpa::Shape s = check_qkv(q, k, v, true, mask, strides);
+  const std::vector<int64_t> summary_bytes = check_mask_tiles(mask_tiles, mask, q, true);
   const auto dtype = q.scalar_type();
   check_tensor(out, "out", q, dtype);
   check_shape(out, "out", {s.B, s.R, s.Hq, s.D});
@@ -351,8 +421,12 @@ void attention_backward(const at::Tensor& q, const at::Tensor& k, const at::Tens
   bindings.bind(mfa_sdpa::kBwdDQ, dq);
   bindings.bind(mfa_sdpa::kBwdDK, dk);
   bindings.bind(mfa_sdpa::kBwdDV, dv);
-  if (mask) bindings.bind(mfa_sdpa::kBwdMask, *mask);
-  encode(s, dtype_of(dtype), float(scale), true, causal, strides, bindings);
+  if (mask) {
+    bindings.bind(mfa_sdpa::kBwdMask, *mask);
+    bindings.bind(mfa_sdpa::kBwdMaskTilesQ, mask_tiles[0]);
+    bindings.bind(mfa_sdpa::kBwdMaskTilesKV, mask_tiles[1]);
+  }
+  encode(s, dtype_of(dtype), float(scale), true, causal, strides, bindings, summarize, summary_bytes);
 }
 
 // Whether ccv's MFA runs on this GPU (Apple7 family or newer); creates the context.
@@ -399,12 +473,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Writes out and lse (float32 [B, H, R]: log2-sum-exp of the scaled scores; with a mask, in natural "
         "units) for q [B, R, H, D], k and v [B, C, H, D], and an optional mask [B or 1, H or 1, R, C], additive in q's dtype or bool.",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("scale"), py::arg("causal"),
-        py::arg("mask") = py::none(), py::call_guard<py::gil_scoped_release>());
+        py::arg("mask") = py::none(), py::arg("mask_tiles") = std::vector<at::Tensor>(), py::arg("summarize") = true,
+        py::call_guard<py::gil_scoped_release>());
   m.def("attention_backward", &attention_backward,
         "Writes dq, dk, dv from the forward's out and lse.",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("grad_out"),
         py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("scale"), py::arg("causal"),
-        py::arg("mask") = py::none(), py::call_guard<py::gil_scoped_release>());
+        py::arg("mask") = py::none(), py::arg("mask_tiles") = std::vector<at::Tensor>(), py::arg("summarize") = true,
+        py::call_guard<py::gil_scoped_release>());
+  m.def("mask_tiles_bytes", &mask_tiles_bytes,
+        "The bytes of a masked call's tile summaries: [forward] or [backward-query, backward-key-value].",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("causal"), py::arg("mask"),
+        py::arg("backward"), py::call_guard<py::gil_scoped_release>());
   m.def("device_supported", &device_supported, py::call_guard<py::gil_scoped_release>());
   m.def("device_info", &device_info,
         "{gpu, macos_version (NSProcessInfo's), macos_build, async_copies (the probe's decision), metal_language}");

@@ -26,9 +26,13 @@ struct Shape {
 };
 
 // Buffer order of ccv_nnc_mfa_encode_attention (ccv_nnc_mfa_attention.cpp).
-enum ForwardBuffer { kFwdQ, kFwdK, kFwdV, kFwdO, kFwdMask, kFwdLSE, kForwardBuffers };
-// The attention mask: the forward's own slot; after dV in the backward (our patch 0008).
-enum BackwardBuffer { kBwdQ, kBwdK, kBwdV, kBwdO, kBwdLSE, kBwdDO, kBwdDQ, kBwdDK, kBwdDV, kBwdMask, kBackwardBuffers };
+// The attention mask: the forward's own slot; after dV in the backward (our patch 0008);
+// its tile summaries after it: the forward's, the backward-query's and -key-value's (0013).
+enum ForwardBuffer { kFwdQ, kFwdK, kFwdV, kFwdO, kFwdMask, kFwdLSE, kFwdMaskTiles, kForwardBuffers };
+enum BackwardBuffer {
+  kBwdQ, kBwdK, kBwdV, kBwdO, kBwdLSE, kBwdDO, kBwdDQ, kBwdDK, kBwdDV, kBwdMask, kBwdMaskTilesQ, kBwdMaskTilesKV,
+  kBackwardBuffers
+};
 
 // The most scratch one slice of a call uses when the call is split (plan_slices): ccv's
 // scratch grows with B x H x L x D (fp32 copies of half outputs), so a long-context call
@@ -64,6 +68,23 @@ constexpr std::int64_t kMaxHeadDim = 384;
 struct MaskStrides {
   std::int64_t batch, head, row;
   bool is_bool = false;
+  bool tiles = false;  // the kernels read the mask's tile summaries (patch 0013)
+};
+
+// The tile summary of each kernel of a pass (forward; backward-query, backward-key-value)
+// as ccv_nnc_mfa_attention_mask_tiles_layout gives it (patch 0013): blocks along the
+// kernel's parallelization dimension and the bytes of a block's entry. A summary holds
+// an entry per block of each batch and query head of the mask (1 where it broadcasts).
+struct MaskTilesLayout {
+  std::uint32_t blocks[2] = {}, entry_bytes[2] = {};
+
+  std::uint64_t head_bytes(int kernel) const { return std::uint64_t(blocks[kernel]) * entry_bytes[kernel]; }
+  std::uint64_t batch_bytes(const Shape& s, const MaskStrides& m, int kernel) const {
+    return (m.head ? s.Hq : 1) * head_bytes(kernel);
+  }
+  std::uint64_t bytes(const Shape& s, const MaskStrides& m, int kernel) const {
+    return (m.batch ? s.B : 1) * batch_bytes(s, m, kernel);
+  }
 };
 
 // Elements from the mask's first to its last, the span its strides reach.
@@ -217,6 +238,7 @@ inline ccv_nnc_mfa_attention_params_t make_params(const Shape& s, DType dtype, f
     p.mask_strides[1] = std::uint32_t(mask->head);
     p.mask_strides[2] = std::uint32_t(mask->row);
     p.mask_bool = mask->is_bool ? 1 : 0;
+    p.mask_tiles = mask->tiles ? 1 : 0;
   }
   // batch_dims_q is zero-terminated; one entry of B is the whole batch.
   p.batched = s.B > 1 ? 1 : 0;
@@ -236,8 +258,10 @@ struct Launch {
 };
 
 // Every ccv call the bridge (and the engine's driver) encodes for one SDPA call, in order.
+// tiles: the layout of the mask's tile summaries, with mask->tiles.
 inline std::vector<Launch> launches(const Shape& s, DType dtype, float scale, bool backward, bool causal,
-                                    const MaskStrides* mask = nullptr, std::uint64_t budget = kScratchBudget) {
+                                    const MaskStrides* mask = nullptr, std::uint64_t budget = kScratchBudget,
+                                    const MaskTilesLayout* tiles = nullptr) {
   const std::uint64_t es = is_half(dtype) ? 2 : 4;  // q's dtype, and an additive mask's
   const std::uint64_t mask_es = mask && mask->is_bool ? 1 : es;
   std::vector<Launch> out;
@@ -248,17 +272,27 @@ inline std::vector<Launch> launches(const Shape& s, DType dtype, float scale, bo
     const std::uint64_t kv = es * std::uint64_t((p.b0 * s.C * s.Hk + p.k0) * s.D);
     const std::uint64_t lse = 4 * std::uint64_t((p.b0 * s.Hq + p.q0) * s.R);
     const std::uint64_t m = mask ? mask_es * std::uint64_t(p.b0 * mask->batch + p.q0 * mask->head) : 0;
+    // a summary's entries: of the slice's first batch and query head (backward-key-value's
+    // too: its entries are per query head)
+    auto summary = [&](int kernel) -> std::uint64_t {
+      if (!mask || !mask->tiles || !tiles) return 0;
+      return std::uint64_t(mask->batch ? p.b0 : 0) * tiles->batch_bytes(s, *mask, kernel) +
+             std::uint64_t(mask->head ? p.q0 : 0) * tiles->head_bytes(kernel);
+    };
     std::uint64_t* o = launch.offsets;
     if (backward) {
       o[kBwdQ] = o[kBwdO] = o[kBwdDO] = o[kBwdDQ] = q;
       o[kBwdK] = o[kBwdV] = o[kBwdDK] = o[kBwdDV] = kv;
       o[kBwdLSE] = lse;
       o[kBwdMask] = m;
+      o[kBwdMaskTilesQ] = summary(0);
+      o[kBwdMaskTilesKV] = summary(1);
     } else {
       o[kFwdQ] = o[kFwdO] = q;
       o[kFwdK] = o[kFwdV] = kv;
       o[kFwdLSE] = lse;
       o[kFwdMask] = m;
+      o[kFwdMaskTiles] = summary(0);
     }
     out.push_back(launch);
   }

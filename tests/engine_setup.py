@@ -62,7 +62,7 @@ def call_id(call: encode.Call) -> str:
     """A test id naming everything that selects a kernel and its edges."""
     text = f"{call.gpu}-{call.dtype}-d{call.head_dim}-h{call.heads}k{call.hk}-r{call.q_len}-c{call.kv_len}"
     text += f"-b{call.batch}-macos{call.macos}" + ("-causal" if call.causal else "")
-    text += "" if call.mask == "none" else f"-{call.mask}-{call.mask_shape}"
+    text += "" if call.mask == "none" else f"-{call.mask}-{call.mask_pattern or call.mask_shape}"
     return text + ("" if call.grad else "-forward")
 
 

@@ -155,7 +155,8 @@ def test_cli_prints_one_json_line_and_the_forward_mma_count(metal):
     case = Case("apple9", "fp32", 72, 97, 130, batch=2, heads=3, grad=False)
     code, result, stderr = run_cli(*case.flags(), "--seed", "3")
     assert code == 0 and result["ok"], f"exit {code}: {result}\n{stderr[-3000:]}"
-    assert set(result) == {"ok", "max_abs", "max_rel", "used", "tolerance", "mma", "float_exceptions", "seconds"}
+    assert set(result) == {"ok", "max_abs", "max_rel", "used", "tolerance", "mma", "mask_tile_reads", "float_exceptions", "seconds"}
+    assert result["mask_tile_reads"] == 0
     assert set(result["tolerance"]) == {"out", "lse"} and result["seconds"] > 0
     simd_groups = case.batch * case.heads * -(-case.q_len // 16) * 2
     tiles = -(-case.kv_len // 8) * -(-case.head_dim // 8)

@@ -224,12 +224,12 @@ MUTATIONS = {
         bool_("apple7", "bf16", 97, 130, 4, 2, mask_shape="BHLS"),
         (KERNELS, "mask_bits != 0)", "mask_bits != 2)"),
     ),
-    # a bool mask read as additive (its bytes as half floats)
+    # the forward reads a bool mask as additive (its bytes as half floats)
     "bool_read_as_additive": (
         bool_("apple9", "fp16", 97, 130),
-        (KERNELS, "const device uchar* mask", "const device half* mask"),
-        (KERNELS, "(const device uchar*)(", "(const device ushort*)("),
-        (KERNELS, "mask_bits != 0)", "mask_bits != 0xFC00)"),
+        (("attention_forward",), "const device uchar* mask [[buffer(10)]],\n  const device uchar* mask_tiles", "const device half* mask [[buffer(10)]],\n  const device uchar* mask_tiles"),
+        (("attention_forward",), "(const device uchar*)(", "(const device ushort*)("),
+        (("attention_forward",), "mask_bits != 0)", "mask_bits != 0xFC00)"),
     ),
     # a row at the floor stores m + log(l): log(l) rounds away at 2^17
     "floor_rows_untagged": (

@@ -22,7 +22,8 @@ Metal would reject). ccv comes from MFA_CCV_SOURCE or ../shared/ccv/ (tools/engi
 executes everything the call encodes on the CPU (tools/engine/execute.py) on random inputs
 and compares out, LSE (and with --grad dQ, dK, dV) with PyTorch's math SDPA in float64;
 prints one JSON line {"ok", "max_abs", "max_rel", "used" (share of the tolerance), "tolerance",
-"mma" (8x8 multiply-accumulates per kernel), "float_exceptions" (per kernel, the float
+"mma" (8x8 multiply-accumulates per kernel), "mask_tile_reads" (mask elements the tile
+summaries read: each summary reads the mask once), "float_exceptions" (per kernel, the float
 exceptions its threads raised: invalid, divide_by_zero, overflow), "seconds"}. Exit 0 within tolerance; 1 not: a
 value no kernel wrote (NaN, max_abs null) or a kernel fault (a guard page hit, divergence,
 a missing binding: "error" instead of the figures); 2 refused; 3 engine failure.
@@ -75,6 +76,7 @@ def call_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--mask", choices=("none", "bool", "additive"), default="none")
     parser.add_argument("--mask-shape", choices=encode.MASK_SHAPES, default="B1LS")
+    parser.add_argument("--mask-pattern", default=None, help="with --mask: the mask models pass (tools/engine/masks.py, pattern)")
     parser.add_argument("--grad", action="store_true")
     parser.add_argument("--gpu", choices=("apple7", "apple9"), default="apple9")
     parser.add_argument("--macos", type=int, default=26, help="the modelled macOS (its compiler)")

@@ -49,6 +49,7 @@ from typing import Optional
 import torch
 
 from .base import Call, Kernel
+from .mask_tiles import MaskTiles
 
 NATIVE_MODULE = "metal_flash_sdpa._mfa_native"
 
@@ -222,35 +223,47 @@ class MFAKernel(Kernel):
         # metal_language (the probed copy mode and language version the kernels compile with)
         return {key: str(value) for key, value in _require_native().device_info().items()}
 
+    def __init__(self):
+        # the tile summaries of masks (patch 0013), reused while a mask is unchanged
+        self.mask_tiles = MaskTiles()
+
     def forward(self, q, k, v, scale: float, causal: bool, mask):
         native = _require_native()
         batch, heads, q_len, _ = q.shape
         # logical [B, H, S, D] views of [B, S, H, D] memory (the op layer's contract)
         out = torch.empty((batch, q_len, heads, v.shape[-1]), dtype=q.dtype, device=q.device)
         lse = torch.empty((batch, heads, q_len), dtype=torch.float32, device=q.device)
-        native.attention_forward(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), out, lse, float(scale), bool(causal), keys_contiguous(mask)
-        )
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        self._masked(native.attention_forward, (q, k, v, out, lse), scale, causal, mask, False)
         return out.transpose(1, 2), lse
 
     def backward(self, grad_out, q, k, v, out, lse, scale: float, causal: bool, mask):
         native = _require_native()
         dq, dk, dv = (_empty_bshd(t) for t in (q, k, v))
-        native.attention_backward(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            out.transpose(1, 2),
-            lse,
-            grad_out.transpose(1, 2),
-            dq,
-            dk,
-            dv,
-            float(scale),
-            bool(causal),
-            keys_contiguous(mask),
-        )
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        tensors = (q, k, v, out.transpose(1, 2), lse, grad_out.transpose(1, 2), dq, dk, dv)
+        self._masked(native.attention_backward, tensors, scale, causal, mask, True)
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+    def _masked(self, encode, tensors, scale, causal, mask, backward):
+        """``encode(*tensors, scale, causal, mask, ...)``, a masked call with its mask's tile
+        summaries: written by this call unless kept from an earlier one of the same mask."""
+        scale, causal = float(scale), bool(causal)
+        if mask is None:
+            return encode(*tensors, scale, causal)
+        mask = keys_contiguous(mask)
+        q, k, v = tensors[:3]
+        shape_key = (backward, tuple(q.shape), tuple(k.shape), q.dtype)  # what sizes the summaries
+
+        def make():
+            sizes = _require_native().mask_tiles_bytes(q, k, v, scale, causal, mask, backward)
+            return [torch.empty(size, dtype=torch.uint8, device=q.device) for size in sizes]
+
+        with self.mask_tiles.lock:
+            summaries, summarize = self.mask_tiles.get(mask, shape_key, make)
+            encode(*tensors, scale, causal, mask, summaries, summarize)
+            if summarize:
+                self.mask_tiles.written(mask, shape_key)
 
 
 def keys_contiguous(mask):

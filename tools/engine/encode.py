@@ -37,6 +37,7 @@ class Call:
     causal: bool = False
     mask: str = "none"  # none, bool, additive
     mask_shape: str = "B1LS"  # one of MASK_SHAPES, with a mask
+    mask_pattern: Optional[str] = None  # one of masks.PATTERNS (its shape is the pattern's), or random holes
     grad: bool = False
     gpu: str = "apple9"  # apple7, apple9
     macos: int = 26  # the modelled Mac's compiler: from 26 on it rejects `__asm` in source
@@ -67,6 +68,7 @@ class Call:
         if self.mask != "none":
             args += ["--mask-strides", ",".join(map(str, self.mask_strides()))]
             args += ["--mask-bool"] if self.mask == "bool" else []
+            args += ["--mask-tiles"]  # as the bridge: masked calls read the mask's tile summaries
         # the backward in the forward's command buffer, as PyTorch's stream may encode them:
         # the driver fails a run that releases a buffer a pending dispatch binds
         args += ["--grad", "--same-command-buffer"] if self.grad else []
@@ -75,12 +77,20 @@ class Call:
     def mask_dims(self) -> tuple:
         """The stored (compact) mask's shape, [Bm, Hm, Rm, C]."""
         b, h, r, c = self.batch, self.heads, self.q_len, self.kv_len
-        return {"LS": (1, 1, r, c), "B1LS": (b, 1, r, c), "BHLS": (b, h, r, c), "B11S": (b, 1, 1, c)}[self.mask_shape]
+        shape = self.mask_shape if self.mask_pattern is None else pattern_shape(self.mask_pattern)
+        return {"LS": (1, 1, r, c), "B1LS": (b, 1, r, c), "BHLS": (b, h, r, c), "B11S": (b, 1, 1, c)}[shape]
 
     def mask_strides(self) -> tuple:
         """(batch, head, row) strides in elements of the mask as the kernel reads it."""
         bm, hm, rm, c = self.mask_dims()
         return (hm * rm * c if bm > 1 else 0, rm * c if hm > 1 else 0, c if rm > 1 else 0)
+
+
+def pattern_shape(pattern: str) -> str:
+    """The mask shape of a --mask-pattern (tools/engine/masks.py, pattern): key padding is
+    [B, 1, 1, S], transformers' causal AND padding [B, 1, L, S], the others [L, S]."""
+    name = pattern.split(":")[0]
+    return {"keypad": "B11S", "causal-padding": "B1LS"}.get(name, "LS")
 
 
 class Refused(Exception):
@@ -160,18 +170,28 @@ class Record:
             if library not in seen:
                 seen.add(library)
                 source = self.raw["libraries"][library]["source"]
-                out.append(Kernel(self.kernel_of(dispatch), source, self.raw["libraries"][library].get("options")))
+                # an attention kernel's library is named by it, not by its mask-tile summary's kernels
+                name = kernel_name("attention", source) if "kernel void attention(" in source else self.kernel_of(dispatch)
+                out.append(Kernel(name, source, self.raw["libraries"][library].get("options")))
         return out
 
 
-def buffer_indices(source: str) -> list[int]:
-    """The buffer indices a Metal source declares (``[[buffer(n)]]``)."""
+def buffer_indices(source: str, function: Optional[str] = None) -> list[int]:
+    """The buffer indices a Metal source declares (``[[buffer(n)]]``); with ``function``,
+    those of that kernel function's parameters only."""
+    if function is not None:
+        start = source.index(f"kernel void {function}(")
+        source = source[start : source.index(") {", start)]
     return [int(n) for n in _BUFFER.findall(source)]
 
 
 def kernel_name(function: str, source: str) -> str:
     """attention_forward / attention_backward_query / attention_backward_key_value, or cast_...
-    (attention kernels differ by the operands they bind: dQ is buffer 9, dV and dK 7 and 8)."""
+    (attention kernels differ by the operands they bind: dQ is buffer 9, dV and dK 7 and 8);
+    the mask-tile summary's kernels of an attention kernel's library (patch 0013):
+    mask_tiles_forward, mask_ranges_forward, ..."""
+    if function in ("mask_tiles", "mask_ranges"):
+        return function + kernel_name("attention", source).removeprefix("attention")
     if function == "attention":
         buffers = set(buffer_indices(source))
         if {7, 8} <= buffers:

@@ -160,13 +160,15 @@ def launches(record: encode.Record) -> list[int]:
 
 def _declared_bindings(record: encode.Record) -> list:
     """For each dispatch, the bindings its kernel declares (the encoder keeps earlier ones)."""
-    declared = {}  # library -> its buffer indices, read once
+    declared = {}  # (library, function) -> its buffer indices, read once
     out = []
     for dispatch in record.dispatches:
         library = record.library_of(dispatch)
-        if library not in declared:
-            declared[library] = set(encode.buffer_indices(record.raw["libraries"][library]["source"]))
-        out.append([binding for slot, binding in dispatch["buffers"].items() if int(slot) in declared[library]])
+        function = record.raw["pipelines"][dispatch["pipeline"]]["function"]
+        if (library, function) not in declared:
+            source = record.raw["libraries"][library]["source"]
+            declared[library, function] = set(encode.buffer_indices(source, function))
+        out.append([binding for slot, binding in dispatch["buffers"].items() if int(slot) in declared[library, function]])
     return out
 
 
@@ -194,6 +196,8 @@ class _Memory:
                     starts = sorted(start for l, start in bound[index] if l == launch)
                     for start, end in zip(starts, starts[1:] + [length]):
                         self.regions[(launch, index, start)] = self._allocate(end - start)
+            elif name.startswith("mask_tiles"):  # a tile summary (patch 0013): written and read by kernels
+                self.tensors[name] = (self._allocate(length), torch.uint8, (length - offset,))
             elif index in bound or name in layouts:
                 dtype, shape = layouts[name]
                 expected = offset + math.prod(shape) * dtype.itemsize
@@ -461,9 +465,21 @@ def run(
         "used": _finite(comparison.used),
         "tolerance": {name: {"atol": a, "rtol": r} for name, (a, r) in comparison.tolerance.items()},
         "mma": execution.mma,
+        "mask_tile_reads": mask_tile_reads(record),
         "float_exceptions": execution.float_exceptions,
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def mask_tile_reads(record: encode.Record) -> int:
+    """Mask elements the tile summaries read (patch 0013): each mask_tiles dispatch reads
+    every element of the mask's [Bm, Hm, R, C] once (counted from the record, not measured)."""
+    call = record.call
+    if call.mask == "none":
+        return 0
+    bm, hm, _, _ = call.mask_dims()
+    summaries = sum(1 for d in record.dispatches if record.raw["pipelines"][d["pipeline"]]["function"] == "mask_tiles")
+    return summaries * bm * hm * call.q_len * call.kv_len
 
 
 def _finite(values: dict) -> dict:

@@ -20,14 +20,56 @@ MASK_FLOOR = -(2.0**17)
 MASK_EMPTY_ROW_L = 2.0**18
 
 
+# What models pass (issue 18), for --mask-pattern P: a bool mask (True = attend) of
+# call.mask_dims(); PATTERNS' values take the text after the colon.
+PATTERNS = ("causal", "causal-padding", "window:W", "docs:N", "keypad:F", "random")
+
+
+def pattern(call: encode.Call, generator: torch.Generator) -> torch.Tensor:
+    """``call.mask_pattern`` as a bool mask shaped ``call.mask_dims()``:
+    - causal: the lower triangle (top-left, as is_causal);
+    - causal-padding: transformers' causal AND left padding, 25% of the keys of batch row 0
+      padded (their query rows then attend no key);
+    - window:W: causal sliding window of W keys (query i attends keys i - W + 1 .. i);
+    - docs:N: N equal packed documents, causal within each;
+    - keypad:F: [B, 1, 1, S], the last fraction F of the keys masked;
+    - random: about 10% of the entries excluded, independently (no tile excluded whole)."""
+    bm, hm, rm, c = call.mask_dims()
+    name, _, value = call.mask_pattern.partition(":")
+    rows = torch.arange(rm).view(-1, 1)
+    keys = torch.arange(c).view(1, -1)
+    if name == "causal":
+        keep = keys <= rows
+    elif name == "causal-padding":
+        keep = (keys <= rows).expand(bm, 1, rm, c).clone()
+        keep[0, :, :, : c // 4] = False
+        keep[0, :, : c // 4, :] = False  # padded queries: transformers masks their rows too
+    elif name == "window":
+        keep = (keys <= rows) & (keys > rows - int(value))
+    elif name == "docs":
+        length = -(-max(rm, c) // int(value))
+        keep = (keys <= rows) & (keys // length == rows // length)
+    elif name == "keypad":
+        keep = (keys < c - int(c * float(value))).expand(bm, 1, 1, c)
+    elif name == "random":
+        keep = torch.rand((bm, hm, rm, c), generator=generator) >= 0.1
+    else:
+        raise ValueError(f"unknown mask pattern {call.mask_pattern!r} (one of {', '.join(PATTERNS)})")
+    return keep.expand(bm, hm, rm, c).contiguous()
+
+
 def make(call: encode.Call, generator: torch.Generator, finite_min_rows: Optional[bool] = None) -> torch.Tensor:
-    """The user's mask for ``call``: bool (True = attend) or additive in the call's dtype,
+    """The user's mask for ``call``: with ``call.mask_pattern`` that pattern (additive: 0 /
+    -inf in the call's dtype); else bool (True = attend) or additive in the call's dtype,
     compact, shaped ``call.mask_dims()`` ([Bm, Hm, Rm, C]). Every shape has a row with keys
     masked and one masked entirely (with -inf; additive also with finfo.min when
     ``finite_min_rows``, by default only in float32: PyTorch's own result in the half types
     is what a test compares with there, and it is unsound in such rows: its backward loses
     log(l) next to bfloat16's finfo.min, and scores near float16's, -65504, keep little
     precision in float32); a per-head mask differs between heads."""
+    if call.mask_pattern is not None:
+        keep = pattern(call, generator)
+        return keep if call.mask == "bool" else additive(keep, call.torch_dtype)
     bm, hm, rm, c = call.mask_dims()
     keep = torch.rand((bm, hm, rm, c), generator=generator) > (0.3 if hm > 1 else 0.0)
     for b in range(bm):  # left padding of a different length per batch, every second batch
