@@ -5,8 +5,9 @@ problem, synchronously, and is compared with PyTorch's math SDPA by ``check``'s 
 kernel's tolerances, or no further from float64 than twice PyTorch's own error). A variant is
 what makes a distinct compiled kernel: the kernel, the device, dtype, head dims, head counts,
 scale, causal, mask kind (none, or additive or bool, each broadcast over heads or per head:
-a kernel that reads bool masks compiles another kernel for them) and the stage: "forward", or "backward" (the forward it reads, then the
-backward), checked when a backward is first asked for.
+a kernel that reads bool masks compiles another kernel for them) and the stage: "forward",
+or "backward" (the forward it reads, then the backward), checked when a backward is first
+asked for.
 
 Verdicts are kept in memory (``verify`` is one dict lookup for a known variant) and on disk,
 in one JSON file under ``$MFA_CACHE_DIR``, keyed by the variant and by everything that can

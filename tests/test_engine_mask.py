@@ -181,9 +181,8 @@ def test_mask_strides_as_the_bridge_passes_them():
 
 def test_bool_mask_as_bytes_is_its_additive_form(engine):
     # Patch 0012: a bool mask read as bytes gives the 0 / -inf copy's results bit for bit,
-    # forward and backward, each kernel family and copy mode.
-    for case in (bool_("apple7", "fp16", 130, 97, 4, 2, mask_shape="BHLS"), bool_("apple9", "bf16", 33, 31, 4, 1, mask_shape="B11S"),
-                 bool_("apple9", "fp32", 33, 31, head_dim=128, macos=15)):
+    # forward and backward, each GPU family and copy mode.
+    for case in (bool_("apple7", "fp16", 130, 97, 4, 2, mask_shape="BHLS"), bool_("apple9", "fp32", 33, 31, head_dim=128, macos=15)):
         call = case.call()
         inputs = execute.random_inputs(call, seed=7)
         as_bytes = execute.execute(encode.encode(call, check_refusal=False), inputs).outputs

@@ -3,7 +3,7 @@
 
   python tools/mfa_engine.py source --dtype {fp32,fp16,bf16} --batch B --heads H
       --kv-heads HK --q-len R --kv-len C --head-dim D [--causal] [--mask {none,bool,additive}]
-      [--mask-shape {LS,B1LS,BHLS,B11S}] [--grad] [--gpu {apple7,apple9}] [--macos N]
+      [--mask-shape {LS,B1LS,BHLS,B11S}] [--mask-pattern P] [--grad] [--gpu {apple7,apple9}] [--macos N]
       [--os-reports V] [--scale S]
 
 prints the Metal source of every kernel the call launches (forward; with --grad the backward
@@ -42,7 +42,10 @@ budget (native/mfa_params.hpp, plan_slices; --scratch-budget lowers it). Exit co
 --mask runs with an attn_mask (tools/engine/masks.py: padding, rows without keys, per-head
 holes; additive: ALiBi-like biases, rows masked with -inf and with finfo.min) shaped
 --mask-shape: [R, C], [B, 1, R, C] (default), [B, H, R, C], or [B, 1, 1, C] broadcast over
-the rows, read in place through its strides as the bridge hands it over.
+the rows, read in place through its strides as the bridge hands it over; --mask-pattern P
+runs the mask models pass instead (masks.pattern: causal, causal-padding, window:W,
+docs:N, keypad:F, random), in that pattern's shape. A masked call's kernels read the
+mask's tile summaries, which the summary kernels write first (patch 0013), as on a Mac.
 """
 
 from __future__ import annotations
@@ -145,6 +148,8 @@ def main(argv=None) -> int:
     call_arguments(plan_parser)
     plan_parser.set_defaults(run=cmd_plan)
     args = parser.parse_args(argv)
+    if args.mask_pattern is not None and args.mask == "none":
+        parser.error("--mask-pattern needs --mask bool or --mask additive")
     try:
         return args.run(args)
     except encode.Refused as refused:

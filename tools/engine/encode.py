@@ -15,7 +15,8 @@ _BUFFER = re.compile(r"\[\[buffer\((\d+)\)\]\]")
 
 
 # The attn_mask shapes the engine runs, as the op layer hands them to the kernel: bool (a
-# byte an element, patch 0012) or additive in q's dtype, [Bm, Hm, R, C] (Bm in (1, B), Hm in (1, Hq)), stored compact and read
+# byte an element, patch 0012) or additive in q's dtype, [Bm, Hm, R, C] (Bm in (1, B), Hm
+# in (1, Hq)), stored compact and read
 # through strides that are 0 where the shape broadcasts (no broadcast materialised).
 MASK_SHAPES = ("LS", "B1LS", "BHLS", "B11S")  # [R, C], [B, 1, R, C], [B, Hq, R, C], [B, 1, 1, C]
 
@@ -37,7 +38,7 @@ class Call:
     causal: bool = False
     mask: str = "none"  # none, bool, additive
     mask_shape: str = "B1LS"  # one of MASK_SHAPES, with a mask
-    mask_pattern: Optional[str] = None  # one of masks.PATTERNS (its shape is the pattern's), or random holes
+    mask_pattern: Optional[str] = None  # with a mask: one of masks.PATTERNS, in its own shape; None: masks.make's
     grad: bool = False
     gpu: str = "apple9"  # apple7, apple9
     macos: int = 26  # the modelled Mac's compiler: from 26 on it rejects `__asm` in source
@@ -170,9 +171,7 @@ class Record:
             if library not in seen:
                 seen.add(library)
                 source = self.raw["libraries"][library]["source"]
-                # an attention kernel's library is named by it, not by its mask-tile summary's kernels
-                name = kernel_name("attention", source) if "kernel void attention(" in source else self.kernel_of(dispatch)
-                out.append(Kernel(name, source, self.raw["libraries"][library].get("options")))
+                out.append(Kernel(self.kernel_of(dispatch), source, self.raw["libraries"][library].get("options")))
         return out
 
 
@@ -187,11 +186,8 @@ def buffer_indices(source: str, function: Optional[str] = None) -> list[int]:
 
 def kernel_name(function: str, source: str) -> str:
     """attention_forward / attention_backward_query / attention_backward_key_value, or cast_...
-    (attention kernels differ by the operands they bind: dQ is buffer 9, dV and dK 7 and 8);
-    the mask-tile summary's kernels of an attention kernel's library (patch 0013):
-    mask_tiles_forward, mask_ranges_forward, ..."""
-    if function in ("mask_tiles", "mask_ranges"):
-        return function + kernel_name("attention", source).removeprefix("attention")
+    (attention kernels differ by the operands they bind: dQ is buffer 9, dV and dK 7 and 8),
+    or the function's own name (the mask tile summary's: mask_tiles_forward, ...)."""
     if function == "attention":
         buffers = set(buffer_indices(source))
         if {7, 8} <= buffers:

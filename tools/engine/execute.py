@@ -472,13 +472,13 @@ def run(
 
 
 def mask_tile_reads(record: encode.Record) -> int:
-    """Mask elements the tile summaries read (patch 0013): each mask_tiles dispatch reads
+    """Mask elements the tile summaries read (patch 0013): each mask_tiles_* dispatch reads
     every element of the mask's [Bm, Hm, R, C] once (counted from the record, not measured)."""
     call = record.call
     if call.mask == "none":
         return 0
     bm, hm, _, _ = call.mask_dims()
-    summaries = sum(1 for d in record.dispatches if record.raw["pipelines"][d["pipeline"]]["function"] == "mask_tiles")
+    summaries = sum(1 for d in record.dispatches if record.kernel_of(d).startswith("mask_tiles_"))
     return summaries * bm * hm * call.q_len * call.kv_len
 
 
