@@ -220,11 +220,10 @@ def canary_lengths(q_len, kv_len):
     return min(q_len, top_q), min(kv_len, top_kv)
 
 
-def _canary(key, q_len, kv_len):
-    """-> (kernel's, PyTorch's in the dtype, float64's) out (and dq, dk, dv) on the canary."""
-    from . import ops
-
-    kernel, device, stage, dtype, q_heads, kv_heads, head_dim, value_dim, scale, causal, mask_kind = key
+def canary_inputs(key, q_len, kv_len):
+    """The canary of variant ``key`` for a call of these lengths, on the CPU in the variant's
+    dtype: (q, k, v, mask or None, grad_out or None), [1, H, L, D] (mask [1, 1 or H, L, S])."""
+    _, _, stage, dtype, q_heads, kv_heads, head_dim, value_dim, _, _, mask_kind = key
     q_len, kv_len = canary_lengths(q_len, kv_len)
     generator = torch.Generator().manual_seed(SEED)  # not the user's random stream
 
@@ -238,9 +237,24 @@ def _canary(key, q_len, kv_len):
         blocked = torch.rand(mask.shape, generator=generator) < 0.25
         rows = torch.arange(q_len)
         blocked[..., rows, rows % kv_len] = False  # every row attends to some key
+        if kv_len > 128:
+            # Tiles of every class a kernel may tell apart (MFA's tile summaries, ccv patch
+            # 0013): keys 32 to 127 masked in every row (tiles skipped whole, key blocks no
+            # query attends), keys from 128 on attended with 0 added (no mask read).
+            blocked[..., 32:128] = True
+            blocked[..., 128:] = False
+            mask[..., 128:] = 0
         mask = ~blocked if mask_kind > 2 else mask.masked_fill_(blocked, -math.inf)
     grad_out = randn(1, q_heads, q_len, value_dim) if stage == "backward" else None
-    cpu = (q, k, v, mask, grad_out)
+    return q, k, v, mask, grad_out
+
+
+def _canary(key, q_len, kv_len):
+    """-> (kernel's, PyTorch's in the dtype, float64's) out (and dq, dk, dv) on the canary."""
+    from . import ops
+
+    kernel, device, *_, scale, causal, _ = key
+    cpu = canary_inputs(key, q_len, kv_len)
     q, k, v, mask, grad_out = (None if t is None else t.to(device) for t in cpu)
     layout = kernel.layout
     with torch.no_grad():

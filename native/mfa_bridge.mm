@@ -175,13 +175,13 @@ struct Bindings {
   }
 };
 
-// The layout of a masked call's tile summaries (patch 0013): ccv's kernels for the whole
-// call are built (prepare) to read their tiles. Under g_mutex.
+// The layout of a masked call's tile summaries (patch 0013), whose kernels (and pipelines)
+// for the whole call it builds; not prepare: that would size ccv's scratch for the whole
+// call, which its slices never need. Under g_mutex.
 mfa_sdpa::MaskTilesLayout mask_tiles_layout_locked(ccv_nnc_mfa_context_t* context,
                                                    const ccv_nnc_mfa_attention_params_t& whole) {
   mfa_sdpa::MaskTilesLayout layout;
   ccv_call("building the MFA kernels", [&] {
-    ccv_nnc_mfa_prepare_attention(context, whole);
     ccv_nnc_mfa_attention_mask_tiles_layout(context, whole, layout.blocks, layout.entry_bytes);
   });
   return layout;

@@ -101,9 +101,35 @@ def test_excluded_tiles_inside_the_range(case, kind):
         assert execution.mma[name] < attended.mma[name], (name, execution.mma, attended.mma)
 
 
+def test_self_check_canary_skips_tiles():
+    # The self-check's canary (trust.canary_inputs) makes MFA's kernels skip tiles on the
+    # user's Mac, where a variant is checked before its first use: fewer multiply-accumulates
+    # in every kernel than with its masked band attended, and results within tolerance.
+    import torch
+
+    from metal_flash_sdpa import trust
+
+    key = (None, None, "backward", torch.float16, 4, 2, 64, 64, 0.125, False, trust.MASK_KINDS.index("bool per-head"))
+    q, k, v, mask, grad_out = trust.canary_inputs(key, 100, 1000)
+    call = encode.Call(dtype="fp16", heads=4, kv_heads=2, q_len=q.shape[2], kv_len=k.shape[2], head_dim=64, grad=True,
+                       mask="bool", mask_shape="BHLS", scale=0.125)
+    inputs = {name: t.transpose(1, 2).contiguous() for name, t in zip(("q", "k", "v", "do"), (q, k, v, grad_out))}
+    with engine_setup.engine_required():
+        record = encode.encode(call, check_refusal=False)
+    runs = []
+    for band in (mask, mask | (torch.arange(call.kv_len) >= 32)):
+        inputs["mask"] = inputs["kernel_mask"] = band
+        execution = execute.execute(record, inputs)
+        comparison = execute.compare(execution, execute.reference(call, inputs, scale=0.125), execute.tolerances(call))
+        assert comparison.ok, comparison.used
+        runs.append(execution.mma)
+    for name in KERNELS:
+        assert runs[0][name] < runs[1][name], (name, runs)
+
+
 # -- wrong variants: each must fail -------------------------------------------------------------
 
-MUTANT = MATRIX[0]
+MUTANT = (Case("apple9", "fp16", 64, 420, 4, 2), "bool")  # MATRIX[0]'s kernels, fewer rows
 MUTATIONS = {
     # mixed tiles skipped as excluded
     "mixed_skipped": (KERNELS, "if (mask_tile == MASK_TILE_EXCLUDED) {", "if (mask_tile != MASK_TILE_CLEAN) {"),

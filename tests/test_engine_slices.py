@@ -98,7 +98,8 @@ def test_plan_cli_prints_one_json_line_and_exits_as_source(capsys):
     flags = ["--dtype", "fp16", "--q-len", "64", "--kv-len", "64"]
     assert mfa_engine.main(["plan", *flags, "--head-dim", "64"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert set(result) == {"kernels", "dispatches", "threadgroup_bytes", "slices", "extra_bytes"}
+    assert set(result) == {"kernels", "dispatches", "threadgroup_bytes", "slices", "extra_bytes", "mask_tile_bytes"}
+    assert result["mask_tile_bytes"] == 0
     assert result["kernels"] == ["attention_forward", "cast_float_to_half"] and result["dispatches"] == 2
     assert 0 < result["threadgroup_bytes"] <= 32768
     assert mfa_engine.main(["plan", *flags, "--head-dim", "520"]) == 2
@@ -125,3 +126,15 @@ def test_unsliced_calls_are_unchanged(engine):
         record = encode.encode(MATRIX[0].call(scratch_budget=budget))
         assert plan(record)["slices"] == slices
         assert ("row_stride" in "".join(kernel.source for kernel in record.kernels())) == rows
+
+
+def test_a_masked_long_call_needs_no_more_scratch(long_plans):
+    # Its tile summaries are of the whole call, yet ccv's scratch stays that of its slices
+    # (the summaries' kernels are built without preparing the whole call); the summaries
+    # themselves are MFAKernel's small tensors. LONG's fields, a [L, S] bool mask instead of causal.
+    fields = {**LONG, "causal": False, "mask": "bool", "mask_shape": "LS"}
+    masked = planned(dtype="bf16", gpu="apple9", q_len=32768, kv_len=32768, **fields)
+    unmasked = long_plans[("bf16", "apple9", 32768)]
+    assert masked["slices"] == unmasked["slices"] and masked["slices"]["backward"] > 1
+    assert masked["extra_bytes"] == unmasked["extra_bytes"], (masked, unmasked)
+    assert 0 < masked["mask_tile_bytes"] < (4 << 20)

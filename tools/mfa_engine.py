@@ -36,8 +36,9 @@ dispatch uses), "slices" (ccv calls per pass: forward, backward) and "extra_byte
 peak bytes of device buffers the call allocates beyond the user's tensors (q, k, v, out,
 LSE, and with --grad dO, dQ, dK, dV), which is ccv's scratch (the bridge allocates nothing
 else): a long call runs as slices of batches or heads whose scratch stays under the
-budget (native/mfa_params.hpp, plan_slices; --scratch-budget lowers it). Exit codes as
-`source`.
+budget (native/mfa_params.hpp, plan_slices; --scratch-budget lowers it); and
+"mask_tile_bytes": a masked call's tile summaries (patch 0013), which MFAKernel allocates
+and keeps per mask. Exit codes as `source`.
 
 --mask runs with an attn_mask (tools/engine/masks.py: padding, rows without keys, per-head
 holes; additive: ALiBi-like biases, rows masked with -inf and with finfo.min) shaped
@@ -117,6 +118,7 @@ def plan(record: encode.Record) -> dict:
         "threadgroup_bytes": max((sum(d["threadgroup_memory"].values()) for d in dispatches), default=0),
         "slices": {"forward": len(attention) - 2 * backward, "backward": backward},
         "extra_bytes": record.raw["scratch_peak"],
+        "mask_tile_bytes": sum(b["length"] for b in record.raw["buffers"] if b["name"].startswith("mask_tiles")),
     }
 
 

@@ -356,14 +356,14 @@ int run(const Options& o) {
          v = tensor("v", kv_elements, es, o.offset), out = tensor("o", q_elements, es, o.offset),
          lse = tensor("lse", lse_elements, 4, o.offset);
   const Tensor mask_tensor = mask ? tensor("mask", mfa_sdpa::mask_span(s, *mask), mask->is_bool ? 1 : es, o.offset) : Tensor{nullptr, 0};
-  // The mask's tile summaries, laid out as ccv says (after prepare, as the bridge asks).
+  // The mask's tile summaries, laid out as ccv says (building their kernels, not preparing
+  // the whole call, whose scratch its slices never need: as the bridge asks).
   const bool tiles = mask && mask->tiles;
   mfa_sdpa::MaskTilesLayout layouts[2];
   ccv_nnc_mfa_attention_params_t whole[2];
   Tensor summaries[3] = {};
   for (int pass = 0; tiles && pass < (o.grad ? 2 : 1); ++pass) {
     whole[pass] = mfa_sdpa::make_params(s, o.dtype, float(o.scale), pass == 1, o.causal, mask);
-    ccv_nnc_mfa_prepare_attention(context, whole[pass]);
     ccv_nnc_mfa_attention_mask_tiles_layout(context, whole[pass], layouts[pass].blocks, layouts[pass].entry_bytes);
     const char* names[3] = {"mask_tiles_forward", "mask_tiles_backward_query", "mask_tiles_backward_key_value"};
     for (int kernel = 0; kernel < (pass == 0 ? 1 : 2); ++kernel)
