@@ -130,12 +130,14 @@ def evaluate(q, k, v, mask, dropout_p, causal, scale, gqa):
         # The last rule: not a configuration the kernel raised on (ops.kernel_failed); looked
         # up only once a kernel has failed. Not while compiling (a graph would guard on the
         # dict): compiled graphs send the op, which checks when it runs.
+        key = None
         if reason is None and not compiling and _failed:
-            reason = _failed.get(configuration(kernel.name, device.type, call))
+            key = configuration(kernel.name, device.type, call)
+            reason = _failed.get(key)
         # Without grad, the faster of the kernel and PyTorch's SDPA, as measured on this
         # machine for the call's length bucket (trust.py); PENDING: not measured yet.
         if reason is None and not grad and kernel.calibrated and not compiling and not dropout_p and _trust.calibrating:
-            reason = _trust.choice(configuration(kernel.name, device.type, call), qs[-2], ks[-2])
+            reason = _trust.choice(key or configuration(kernel.name, device.type, call), qs[-2], ks[-2])
         if reason is None or reason is _trust.PENDING:
             return reason, kernel, grad
     return reason, None, False
