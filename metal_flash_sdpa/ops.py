@@ -43,7 +43,7 @@ _lib.define(
 _failed = kernels.failed
 _failed_lock = threading.Lock()  # one warning per configuration, even under threads
 _pytorch_sdpa = torch._C._nn.scaled_dot_product_attention  # PyTorch's own, whatever is patched
-_math_sdpa = torch.ops.aten._scaled_dot_product_attention_math  # takes a dropout keep mask
+_aten_math_sdpa = torch.ops.aten._scaled_dot_product_attention_math  # takes a dropout keep mask
 _NO_SEED = torch.zeros((), dtype=torch.int64)
 # id -> the placeholder lse of a forward the op answered with PyTorch (a compiled graph or
 # dispatch mode ran it): its backward is PyTorch's too, whatever the state is by then.
@@ -105,10 +105,9 @@ def kernel_failed(kernel, error, stage, q, k, v, mask, causal, needs_grad, scale
     elif new:  # warned once blocked: a warnings filter that raises leaves the state consistent
         fields = zip(rules.CONFIGURATION_FIELDS[1:-1], key[1:-1])
         described = " ".join(f"{name}={str(value).replace('torch.', '')}" for name, value in fields)
-        lines = str(error).strip().splitlines() or [""]
         config._warn(
             f"metal_flash_sdpa: kernel {kernel.name} failed in {stage} ({described}): "
-            f"{type(error).__name__}: {lines[0]}{' [...]' if len(lines) > 1 else ''}; PyTorch's SDPA "
+            f"{trust.error_line(error)}; PyTorch's SDPA "
             f"serves this configuration{' with grad' if stage == 'backward' else ''} from now on"
         )
     return reason
@@ -161,16 +160,23 @@ def _backward(kernel, grad_out, q, k, v, out, lse, mask, scale, causal, dropout_
 def _pytorch_attention(q, k, v, mask, scale, causal, dropout_p=0.0, seed=None):
     """PyTorch's SDPA on the op-level tensors (4-D, 4-D mask, scale resolved); with
     dropout, PyTorch's math SDPA given the kernels' keep decisions for ``seed``."""
-    gqa = k.shape[1] != q.shape[1]
     if dropout_p:
-        if mask is not None and mask.dtype == torch.bool:  # the aten op adds a bool mask as 0 / 1
-            mask = additive_mask(mask, q.dtype)
         batch, heads, length, _ = q.shape
         keep = dropout.keep_mask(dropout.seed_value(seed), dropout_p, batch, heads, length, k.shape[2], q.device)
-        return _math_sdpa(q, k, v, mask, dropout_p, causal, keep, scale=scale, enable_gqa=gqa)[0]
+        return math_sdpa(q, k, v, mask, causal, scale, dropout_p, keep)
+    gqa = k.shape[1] != q.shape[1]
     if gqa:
         return _pytorch_sdpa(q, k, v, mask, 0.0, causal, scale=scale, enable_gqa=True)
     return _pytorch_sdpa(q, k, v, mask, 0.0, causal, scale=scale)
+
+
+def math_sdpa(q, k, v, mask, causal, scale, dropout_p=0.0, keep=None):
+    """PyTorch's math SDPA, its aten op (which takes a dropout keep mask) on 4-D tensors ->
+    out; a bool mask as SDPA takes it (the op itself would add it as 0 / 1)."""
+    if mask is not None and mask.dtype == torch.bool:
+        mask = additive_mask(mask, q.dtype)
+    gqa = k.shape[1] != q.shape[1]
+    return _aten_math_sdpa(q, k, v, mask, dropout_p, causal, keep, scale=scale, enable_gqa=gqa)[0]
 
 
 def _with_autograd():

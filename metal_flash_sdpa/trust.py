@@ -207,8 +207,7 @@ def run_check(key, q_len, kv_len) -> Verdict:
         result = check._judge(tolerance, dtype, "self-check", stage, ours, theirs, gold)
         verdict = (result.status == "ok", result.detail, result.max_abs, result.worst)
     except Exception as error:  # a compile error, a command-buffer error, a fault: a failed check
-        lines = str(error).strip().splitlines() or [""]
-        verdict = (False, f"{type(error).__name__}: {lines[0]}{' [...]' if len(lines) > 1 else ''}", math.nan, "")
+        verdict = (False, error_line(error), math.nan, "")
     checked = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return Verdict(*verdict, time.perf_counter() - start, checked)
 
@@ -275,19 +274,12 @@ def _math_sdpa(q, k, v, mask, scale, causal, grad_out):
     would then fall back (rules.BACKENDS) while a self-check runs."""
     from . import ops
 
-    if mask is not None and mask.dtype == torch.bool:  # the aten op adds a bool mask as 0 / 1
-        mask = ops.additive_mask(mask, q.dtype)
-
-    def attention(q, k, v):
-        gqa = k.shape[1] != q.shape[1]
-        return ops._math_sdpa(q, k, v, mask, 0.0, causal, scale=scale, enable_gqa=gqa)[0]
-
     if grad_out is None:
         with torch.no_grad():
-            return [attention(q, k, v)]
+            return [ops.math_sdpa(q, k, v, mask, causal, scale)]
     inputs = [t.detach().requires_grad_() for t in (q, k, v)]
     with ops._with_autograd(), torch.enable_grad():
-        out = attention(*inputs)
+        out = ops.math_sdpa(*inputs, mask, causal, scale)
         # grad of sum(out * grad_out), the same numbers: autograd.grad given grad_outputs
         # first imports torch's symbolic shapes (sympy), a second on a cold start
         return [out.detach(), *torch.autograd.grad((out * grad_out).sum(), inputs)]
@@ -357,12 +349,12 @@ def _measure(kernel, q, k, v, mask, causal, scale, gqa, pytorch) -> dict:
         with torch.no_grad(), counters.uncounted():
             ours = _median_seconds(lambda: ops.attention(kernel, q, k, v, mask, causal, scale, False, 0.0), sync)
     except Exception as error:  # the call itself will meet it again, and handle it
-        return {**record, "choice": "kernel", "detail": f"kernel not timed: {_first_line(error)}"}
+        return {**record, "choice": "kernel", "detail": f"kernel not timed: {error_line(error)}"}
     try:
         with torch.no_grad():
             theirs = _median_seconds(lambda: pytorch(q, k, v, mask, 0.0, causal, **keywords), sync)
     except Exception as error:
-        return {**record, "choice": "kernel", "kernel_ms": ours * 1e3, "detail": f"PyTorch raised: {_first_line(error)}"}
+        return {**record, "choice": "kernel", "kernel_ms": ours * 1e3, "detail": f"PyTorch raised: {error_line(error)}"}
     faster = "pytorch" if theirs < MARGIN * ours else "kernel"
     return {**record, "choice": faster, "kernel_ms": ours * 1e3, "pytorch_ms": theirs * 1e3, "detail": ""}
 
@@ -380,9 +372,10 @@ def _median_seconds(run, sync) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _first_line(error) -> str:
+def error_line(error) -> str:
+    """An exception in one line: its type and first line ([...] if it had more)."""
     lines = str(error).strip().splitlines() or [""]
-    return f"{type(error).__name__}: {lines[0]}"
+    return f"{type(error).__name__}: {lines[0]}{' [...]' if len(lines) > 1 else ''}"
 
 
 # ----------------------------------------------------------------------------- the store
@@ -538,14 +531,18 @@ def _order(variant) -> tuple:
     return (*(str(variant.get(name)) for name in fields), variant.get("stage") == "backward")
 
 
+def _variant_fields(variant) -> str:
+    """What a status line says of a variant besides its kernel, dtype and stage."""
+    return (
+        f"D={variant['head_dim']} Dv={variant['value_dim']} Hq={variant['q_heads']} Hk={variant['kv_heads']} "
+        f"scale={variant['scale']:.6g} causal={variant['causal']} mask={variant['mask']}"
+    )
+
+
 def _verdict_line(variant, record) -> str:
     if variant.get("stage") == "calibration":
         return _calibration_line(variant, record)
-    described = (
-        f"{variant['kernel']:10} {variant['dtype']:8} {variant['stage']:8} D={variant['head_dim']} "
-        f"Dv={variant['value_dim']} Hq={variant['q_heads']} Hk={variant['kv_heads']} scale={variant['scale']:.6g} "
-        f"causal={variant['causal']} mask={variant['mask']}"
-    )
+    described = f"{variant['kernel']:10} {variant['dtype']:8} {variant['stage']:8} {_variant_fields(variant)}"
     measured = f"max error {record.get('max_error', math.nan):.2g}"
     line = f"{'passed' if record.get('passed') else 'FAILED'}  {described}  {measured}  {record.get('seconds', 0):.3f} s  {record.get('checked', '')}"
     return line if record.get("passed") else f"{line}\n      {record.get('detail', '')}"
@@ -554,8 +551,7 @@ def _verdict_line(variant, record) -> str:
 def _calibration_line(variant, record) -> str:
     described = (
         f"{variant['kernel']:10} {variant['dtype']:8} L<={variant.get('q_bucket')} S<={variant.get('kv_bucket')} "
-        f"D={variant['head_dim']} Dv={variant['value_dim']} Hq={variant['q_heads']} Hk={variant['kv_heads']} "
-        f"scale={variant['scale']:.6g} causal={variant['causal']} mask={variant['mask']}"
+        f"{_variant_fields(variant)}"
     )
     times = lambda ms: "-" if ms is None else f"{ms:.3g} ms"  # noqa: E731
     measured = f"kernel {times(record.get('kernel_ms'))}, PyTorch {times(record.get('pytorch_ms'))}"
