@@ -93,6 +93,14 @@ ccv_nnc_mfa_context_t* context_locked() {
   return g_context;
 }
 
+// The context, for a call: on a GPU MFA serves (the Apple7 family or newer).
+ccv_nnc_mfa_context_t* supported_context_locked() {
+  ccv_nnc_mfa_context_t* context = context_locked();
+  TORCH_CHECK(ccv_nnc_mfa_context_supported(context),
+              "metal_flash_sdpa: this GPU is not supported by MFA (needs Apple7 or newer)");
+  return context;
+}
+
 // The macOS major version (16.x read as 26: mfa_platform.hpp), read once: it cannot change
 // while the process runs.
 long macos_major_once() {
@@ -203,9 +211,7 @@ void encode(const mfa_sdpa::Shape& s, mfa_sdpa::DType dtype, float scale, bool b
   TORCH_CHECK(bad_scale.empty(), "metal_flash_sdpa: MFA refuses this call: ", bad_scale);
   const mfa_sdpa::MaskStrides* mask_strides = mask ? &*mask : nullptr;
   std::lock_guard<std::mutex> lock(g_mutex);
-  ccv_nnc_mfa_context_t* context = context_locked();
-  TORCH_CHECK(ccv_nnc_mfa_context_supported(context),
-              "metal_flash_sdpa: this GPU is not supported by MFA (needs Apple7 or newer)");
+  ccv_nnc_mfa_context_t* context = supported_context_locked();
   at::mps::MPSStream* stream = at::mps::getCurrentMPSStream();
   TORCH_CHECK(stream != nullptr, "metal_flash_sdpa: no current MPS stream");
   const mfa_sdpa::MaskStrides no_mask{-1, -1, -1};
@@ -220,9 +226,10 @@ void encode(const mfa_sdpa::Shape& s, mfa_sdpa::DType dtype, float scale, bool b
   mfa_sdpa::MaskTilesLayout layout;
   if (mask) {
     layout = mask_tiles_layout_locked(context, whole);
-    for (int kernel = 0; kernel < (backward ? 2 : 1); ++kernel)
-      TORCH_CHECK(summary_bytes.at(kernel) >= int64_t(layout.bytes(s, *mask, kernel)), "metal_flash_sdpa: a mask tile summary of ",
-                  summary_bytes.at(kernel), " bytes; ", layout.bytes(s, *mask, kernel), " needed");
+    const std::vector<std::uint64_t> needed = layout.pass_bytes(s, *mask, backward);
+    for (size_t kernel = 0; kernel < needed.size(); ++kernel)
+      TORCH_CHECK(summary_bytes.at(kernel) >= int64_t(needed[kernel]), "metal_flash_sdpa: a mask tile summary of ",
+                  summary_bytes.at(kernel), " bytes; ", needed[kernel], " needed");
   }
   const std::vector<mfa_sdpa::Launch> launches = mfa_sdpa::launches(s, dtype, scale, backward, causal, mask_strides,
                                                                     mfa_sdpa::kScratchBudget, mask ? &layout : nullptr);
@@ -297,8 +304,7 @@ std::optional<mfa_sdpa::MaskStrides> check_mask(const std::optional<at::Tensor>&
   TORCH_CHECK(m.stride(3) == 1 || s.C == 1, "metal_flash_sdpa: mask keys must be contiguous");
   TORCH_CHECK(m.storage().data() != nullptr, "metal_flash_sdpa: mask has no storage");
   auto stride = [&](int dim) { return m.size(dim) == 1 ? int64_t(0) : m.stride(dim); };
-  // MFA's masked kernels always read the mask's tile summaries (patch 0013)
-  return mfa_sdpa::MaskStrides{stride(0), stride(1), stride(2), is_bool, /*tiles=*/true};
+  return mfa_sdpa::MaskStrides{stride(0), stride(1), stride(2), is_bool};
 }
 
 // q [B, R, Hq, D], k and v [B, C, Hk, D], within what the pinned ccv computes correctly.
@@ -347,14 +353,10 @@ std::vector<int64_t> mask_tiles_bytes(const at::Tensor& q, const at::Tensor& k, 
   const mfa_sdpa::Shape s = check_qkv(q, k, v, backward, mask, strides);
   const mfa_sdpa::DType dtype = dtype_of(q.scalar_type());
   std::lock_guard<std::mutex> lock(g_mutex);
-  ccv_nnc_mfa_context_t* context = context_locked();
-  TORCH_CHECK(ccv_nnc_mfa_context_supported(context),
-              "metal_flash_sdpa: this GPU is not supported by MFA (needs Apple7 or newer)");
-  const mfa_sdpa::MaskTilesLayout layout =
-      mask_tiles_layout_locked(context, mfa_sdpa::make_params(s, dtype, float(scale), backward, causal, &*strides));
-  std::vector<int64_t> bytes;
-  for (int kernel = 0; kernel < (backward ? 2 : 1); ++kernel) bytes.push_back(int64_t(layout.bytes(s, *strides, kernel)));
-  return bytes;
+  const mfa_sdpa::MaskTilesLayout layout = mask_tiles_layout_locked(
+      supported_context_locked(), mfa_sdpa::make_params(s, dtype, float(scale), backward, causal, &*strides));
+  const std::vector<std::uint64_t> bytes = layout.pass_bytes(s, *strides, backward);
+  return std::vector<int64_t>(bytes.begin(), bytes.end());
 }
 
 // out [B, R, H, D] (q's dtype), lse [B, H, R] float32: preallocated by the caller.

@@ -64,11 +64,11 @@ constexpr std::int64_t kMaxHeadDim = 384;
 
 // An attention mask (our patch 0008): element (b, h, i, j) at b * batch + h * head +
 // i * row + j; a stride is 0 where the mask broadcasts. Additive in q's dtype, or torch's
-// bool read as it is, a byte an element (is_bool, our patch 0012).
+// bool read as it is, a byte an element (is_bool, our patch 0012). The kernels of a masked
+// call read the mask's tile summaries (patch 0013).
 struct MaskStrides {
   std::int64_t batch, head, row;
   bool is_bool = false;
-  bool tiles = false;  // the kernels read the mask's tile summaries (patch 0013)
 };
 
 // The tile summary of each kernel of a pass (forward; backward-query, backward-key-value)
@@ -84,6 +84,12 @@ struct MaskTilesLayout {
   }
   std::uint64_t bytes(const Shape& s, const MaskStrides& m, int kernel) const {
     return (m.batch ? s.B : 1) * batch_bytes(s, m, kernel);
+  }
+  // The bytes of each summary of a pass: [forward] or [backward-query, backward-key-value].
+  std::vector<std::uint64_t> pass_bytes(const Shape& s, const MaskStrides& m, bool backward) const {
+    std::vector<std::uint64_t> out;
+    for (int kernel = 0; kernel < (backward ? 2 : 1); ++kernel) out.push_back(bytes(s, m, kernel));
+    return out;
   }
 };
 
@@ -238,7 +244,7 @@ inline ccv_nnc_mfa_attention_params_t make_params(const Shape& s, DType dtype, f
     p.mask_strides[1] = std::uint32_t(mask->head);
     p.mask_strides[2] = std::uint32_t(mask->row);
     p.mask_bool = mask->is_bool ? 1 : 0;
-    p.mask_tiles = mask->tiles ? 1 : 0;
+    p.mask_tiles = 1;
   }
   // batch_dims_q is zero-terminated; one entry of B is the whole batch.
   p.batched = s.B > 1 ? 1 : 0;
@@ -258,7 +264,7 @@ struct Launch {
 };
 
 // Every ccv call the bridge (and the engine's driver) encodes for one SDPA call, in order.
-// tiles: the layout of the mask's tile summaries, with mask->tiles.
+// tiles: the layout of the mask's tile summaries, with a mask.
 inline std::vector<Launch> launches(const Shape& s, DType dtype, float scale, bool backward, bool causal,
                                     const MaskStrides* mask = nullptr, std::uint64_t budget = kScratchBudget,
                                     const MaskTilesLayout* tiles = nullptr) {
@@ -275,7 +281,7 @@ inline std::vector<Launch> launches(const Shape& s, DType dtype, float scale, bo
     // a summary's entries: of the slice's first batch and query head (backward-key-value's
     // too: its entries are per query head)
     auto summary = [&](int kernel) -> std::uint64_t {
-      if (!mask || !mask->tiles || !tiles) return 0;
+      if (!mask) return 0;
       return std::uint64_t(mask->batch ? p.b0 : 0) * tiles->batch_bytes(s, *mask, kernel) +
              std::uint64_t(mask->head ? p.q0 : 0) * tiles->head_bytes(kernel);
     };

@@ -5,7 +5,7 @@
 // CPU executions.
 //
 //   driver --dtype fp16 --batch B --heads H --kv-heads HK --q-len R --kv-len C --head-dim D
-//          [--grad] [--causal] [--mask-strides B,H,ROW [--mask-bool] [--mask-tiles]] [--gpu apple7|apple9] [--macos N] [--scale S]
+//          [--grad] [--causal] [--mask-strides B,H,ROW [--mask-bool]] [--gpu apple7|apple9] [--macos N] [--scale S]
 //          [--os-reports V] [--offset BYTES]
 //          [--async-copies auto|on|off] [--fault empty-library|nil-pipeline|no-memory]
 //          [--no-prepare] [--same-command-buffer] [--no-keep-scratch] [--scratch-budget BYTES]
@@ -37,7 +37,7 @@
 // --mask-strides: an additive attention mask in the call's dtype, with these strides in
 // elements (batch, query head, query row; 0 where it broadcasts), in a buffer "mask" of
 // the span they reach (mfa_params.hpp, mask_span); with --mask-bool a bool mask instead, a
-// byte an element (patch 0012). --mask-tiles: the kernels read the mask's tile summaries
+// byte an element (patch 0012). A masked call's kernels read the mask's tile summaries
 // (patch 0013), in buffers "mask_tiles_forward", "mask_tiles_backward_query" and
 // "mask_tiles_backward_key_value", which the summary kernels write from the mask in the
 // same command buffer before each pass, as the bridge encodes them.
@@ -107,8 +107,6 @@ Options parse(int argc, char** argv) {
         usage("--mask-strides takes B,H,ROW");
     } else if (a == "--mask-bool") {
       o.mask.is_bool = true;
-    } else if (a == "--mask-tiles") {
-      o.mask.tiles = true;
     } else if (a == "--grad") {
       o.grad = true;
     } else if (a == "--compile-source") {
@@ -265,23 +263,17 @@ void encode(bool prepare, ccv_nnc_mfa_context_t* context, const std::vector<mfa_
   MTL::ComputeCommandEncoder encoder;
   MTL::CommandBatch batch(nullptr, &encoder);  // the bridge's borrowed-encoder batch
   const mfa_sdpa::ScratchKeeper scratch(context);  // as the bridge: before prepare
-  if (summary) {
-    MTL::Buffer* buffers[mfa_sdpa::kBackwardBuffers] = {};
-    std::size_t offsets[mfa_sdpa::kBackwardBuffers] = {};
-    for (int i = 0; i < count; ++i) {
-      buffers[i] = tensors[i].buffer;
-      offsets[i] = tensors[i].offset;
-    }
-    ccv_nnc_mfa_encode_attention_mask_tiles(context, *summary, &batch, buffers, offsets);
+  MTL::Buffer* buffers[mfa_sdpa::kBackwardBuffers] = {};
+  std::size_t offsets[mfa_sdpa::kBackwardBuffers] = {};
+  for (int i = 0; i < count; ++i) {
+    buffers[i] = tensors[i].buffer;
+    offsets[i] = tensors[i].offset;
   }
+  if (summary) ccv_nnc_mfa_encode_attention_mask_tiles(context, *summary, &batch, buffers, offsets);
   for (const mfa_sdpa::Launch& launch : launches) {
-    MTL::Buffer* buffers[mfa_sdpa::kBackwardBuffers] = {};
-    std::size_t offsets[mfa_sdpa::kBackwardBuffers] = {};
-    for (int i = 0; i < count; ++i) {
-      buffers[i] = tensors[i].buffer;
-      offsets[i] = tensors[i].offset + launch.offsets[i];
-    }
-    const Call call{prepare, context, launch.params, &batch, buffers, offsets};
+    std::size_t moved[mfa_sdpa::kBackwardBuffers] = {};  // to the slice's first element
+    for (int i = 0; i < count; ++i) moved[i] = offsets[i] + launch.offsets[i];
+    const Call call{prepare, context, launch.params, &batch, buffers, moved};
     try {
       prepare_and_encode(call);
     } catch (const std::exception& raised) {
@@ -358,30 +350,30 @@ int run(const Options& o) {
   const Tensor mask_tensor = mask ? tensor("mask", mfa_sdpa::mask_span(s, *mask), mask->is_bool ? 1 : es, o.offset) : Tensor{nullptr, 0};
   // The mask's tile summaries, laid out as ccv says (building their kernels, not preparing
   // the whole call, whose scratch its slices never need: as the bridge asks).
-  const bool tiles = mask && mask->tiles;
   mfa_sdpa::MaskTilesLayout layouts[2];
   ccv_nnc_mfa_attention_params_t whole[2];
   Tensor summaries[3] = {};
-  for (int pass = 0; tiles && pass < (o.grad ? 2 : 1); ++pass) {
+  const char* names[3] = {"mask_tiles_forward", "mask_tiles_backward_query", "mask_tiles_backward_key_value"};
+  for (int pass = 0; mask && pass < (o.grad ? 2 : 1); ++pass) {
     whole[pass] = mfa_sdpa::make_params(s, o.dtype, float(o.scale), pass == 1, o.causal, mask);
     ccv_nnc_mfa_attention_mask_tiles_layout(context, whole[pass], layouts[pass].blocks, layouts[pass].entry_bytes);
-    const char* names[3] = {"mask_tiles_forward", "mask_tiles_backward_query", "mask_tiles_backward_key_value"};
-    for (int kernel = 0; kernel < (pass == 0 ? 1 : 2); ++kernel)
-      summaries[pass + kernel] = tensor(names[pass + kernel], layouts[pass].bytes(s, *mask, kernel), 1, o.offset);
+    const std::vector<std::uint64_t> bytes = layouts[pass].pass_bytes(s, *mask, pass == 1);
+    for (std::size_t kernel = 0; kernel < bytes.size(); ++kernel)
+      summaries[pass + kernel] = tensor(names[pass + kernel], bytes[kernel], 1, o.offset);
   }
   Tensor forward[mfa_sdpa::kForwardBuffers] = {q, k, v, out, mask_tensor, lse, summaries[0]};
   CommandBuffer command_buffer{o.keep_scratch, {}};
   encode(o.prepare, context,
-         mfa_sdpa::launches(s, o.dtype, float(o.scale), false, o.causal, mask, o.scratch_budget, tiles ? &layouts[0] : nullptr),
-         forward, mfa_sdpa::kForwardBuffers, command_buffer, tiles ? &whole[0] : nullptr);
+         mfa_sdpa::launches(s, o.dtype, float(o.scale), false, o.causal, mask, o.scratch_budget, mask ? &layouts[0] : nullptr),
+         forward, mfa_sdpa::kForwardBuffers, command_buffer, mask ? &whole[0] : nullptr);
   if (!o.same_command_buffer) command_buffer.complete();
   if (o.grad) {
     Tensor dout = tensor("do", q_elements, es, o.offset), dq = tensor("dq", q_elements, es, o.offset),
            dk = tensor("dk", kv_elements, es, o.offset), dv = tensor("dv", kv_elements, es, o.offset);
     Tensor backward[mfa_sdpa::kBackwardBuffers] = {q, k, v, out, lse, dout, dq, dk, dv, mask_tensor, summaries[1], summaries[2]};
     encode(o.prepare, context,
-           mfa_sdpa::launches(s, o.dtype, float(o.scale), true, o.causal, mask, o.scratch_budget, tiles ? &layouts[1] : nullptr),
-           backward, mfa_sdpa::kBackwardBuffers, command_buffer, tiles ? &whole[1] : nullptr);
+           mfa_sdpa::launches(s, o.dtype, float(o.scale), true, o.causal, mask, o.scratch_budget, mask ? &layouts[1] : nullptr),
+           backward, mfa_sdpa::kBackwardBuffers, command_buffer, mask ? &whole[1] : nullptr);
   }
   command_buffer.complete();
   const auto& released = mfa_engine::record().released_in_use;

@@ -69,7 +69,6 @@ class Call:
         if self.mask != "none":
             args += ["--mask-strides", ",".join(map(str, self.mask_strides()))]
             args += ["--mask-bool"] if self.mask == "bool" else []
-            args += ["--mask-tiles"]  # as the bridge: masked calls read the mask's tile summaries
         # the backward in the forward's command buffer, as PyTorch's stream may encode them:
         # the driver fails a run that releases a buffer a pending dispatch binds
         args += ["--grad", "--same-command-buffer"] if self.grad else []
