@@ -66,6 +66,22 @@ def call_id(call: encode.Call) -> str:
     return text + ("" if call.grad else "-forward")
 
 
+def mutated(edits, seen: set):
+    """``execute``'s ``edit`` for a wrong variant: each of ``edits`` (kernel names, old text,
+    new text) replaces old with new in those kernels' sources, which must hold it; the
+    kernels edited are added to ``seen``."""
+
+    def edit(kernel, source):
+        for kernels, old, new in edits:
+            if kernel in kernels:
+                assert old in source, f"{old!r} is not in {kernel}: the mutation would test nothing"
+                seen.add(kernel)
+                source = source.replace(old, new)
+        return source
+
+    return edit
+
+
 def kernels_of(call: encode.Call):
     """(source, function) of every dispatch ``call`` encodes."""
     record = encode.encode(call)

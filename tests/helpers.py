@@ -14,20 +14,23 @@ def fallbacks():
 
 
 class RecordingKernel(metal_flash_sdpa.ReferenceKernel):
-    """The reference kernel, recording the ``dropout`` argument of every forward and backward."""
+    """The reference kernel, recording the ``dropout`` argument of every forward and backward,
+    and in ``masks`` (stage, the mask it was handed)."""
 
     name = "recording"
 
     def __init__(self, block_size=16):
         super().__init__(block_size)
-        self.forwards, self.backwards = [], []
+        self.forwards, self.backwards, self.masks = [], [], []
 
     def forward(self, *args, dropout=None):
         self.forwards.append(dropout)
+        self.masks.append(("forward", args[5]))  # q, k, v, scale, causal, mask
         return super().forward(*args, dropout=dropout)
 
     def backward(self, *args, dropout=None):
         self.backwards.append(dropout)
+        self.masks.append(("backward", args[8]))  # grad_out, q, k, v, out, lse, scale, causal, mask
         return super().backward(*args, dropout=dropout)
 
 

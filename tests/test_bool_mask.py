@@ -6,29 +6,18 @@ import pytest
 import torch
 
 import metal_flash_sdpa
-from helpers import compare_with_pytorch
+from helpers import RecordingKernel, compare_with_pytorch
 from metal_flash_sdpa import kernels, ops
 
 B, H, L, S, D = 2, 4, 40, 56, 16
 
 
-class MaskRecordingKernel(metal_flash_sdpa.ReferenceKernel):
-    """The reference kernel, recording the mask every forward and backward is handed."""
-
-    name = "mask-recording"
+class MaskRecordingKernel(RecordingKernel):
+    """A recording kernel that reads bool masks, or not."""
 
     def __init__(self, reads_bool_masks):
-        super().__init__(block_size=16)
+        super().__init__()
         self.reads_bool_masks = reads_bool_masks
-        self.masks = []
-
-    def forward(self, q, k, v, scale, causal, mask, dropout=None):
-        self.masks.append(("forward", mask))
-        return super().forward(q, k, v, scale, causal, mask, dropout=dropout)
-
-    def backward(self, grad_out, q, k, v, out, lse, scale, causal, mask, dropout=None, mask_grad=False):
-        self.masks.append(("backward", mask))
-        return super().backward(grad_out, q, k, v, out, lse, scale, causal, mask, dropout=dropout, mask_grad=mask_grad)
 
 
 def _keys(shape):

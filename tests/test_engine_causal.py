@@ -128,15 +128,6 @@ MUTATIONS = {
 @pytest.mark.parametrize("name", MUTATIONS)
 def test_wrong_variant_fails(engine, name):
     seen = set()
-
-    def edit(kernel, source):
-        for kernels, old, new in MUTATIONS[name]:
-            if kernel in kernels:
-                assert old in source, f"{old!r} is not in {kernel}: the mutation would test nothing"
-                seen.add(kernel)
-                source = source.replace(old, new)
-        return source
-
-    result = run(MUTANT, edit=edit)
+    result = run(MUTANT, edit=engine_setup.mutated(MUTATIONS[name], seen))
     assert seen == {k for kernels, _, _ in MUTATIONS[name] for k in kernels}
     assert not result["ok"], f"the wrong variant passed: {result}"

@@ -250,25 +250,13 @@ MUTATIONS = {
 }
 
 
-def mutated(edits, seen):
-    def edit(kernel, source):
-        for kernels, old, new in edits:
-            if kernel in kernels:
-                assert old in source, f"{old!r} is not in {kernel}: the mutation would test nothing"
-                seen.add(kernel)
-                source = source.replace(old, new)
-        return source
-
-    return edit
-
-
 @pytest.mark.parametrize("name", MUTATIONS)
 def test_wrong_variant_fails(engine, name):
     case, *edits = MUTATIONS[name]
     seen = set()
     call = case.call()
     try:
-        found = misses(call, execute.random_inputs(call, seed=5), edit=mutated(edits, seen))
+        found = misses(call, execute.random_inputs(call, seed=5), edit=engine_setup.mutated(edits, seen))
     except (metal.MetalExecutionError, execute.ReplayError) as fault:  # e.g. a read past the mask
         found = {"fault": str(fault)}
     assert seen == {k for kernels, _, _ in edits for k in kernels}
@@ -279,7 +267,7 @@ def test_flushed_denormals_still_match(engine):
     # A GPU that flushes denormals starts l at 0 instead of denorm_min: the guards hold.
     case = bool_("apple9", "fp32", 97, 130)
     seen = set()
-    edit = mutated(((("attention_forward",), "numeric_limits<float>::denorm_min()", "0"),), seen)
+    edit = engine_setup.mutated(((("attention_forward",), "numeric_limits<float>::denorm_min()", "0"),), seen)
     call = case.call()
     assert misses(call, execute.random_inputs(call, seed=5), edit=edit) == {}
     assert seen == {"attention_forward"}

@@ -151,25 +151,17 @@ MUTATIONS = {
 @pytest.mark.parametrize("name", MUTATIONS)
 def test_wrong_variant_fails(name):
     case, kind = MUTANT
-    kernels, old, new = MUTATIONS[name]
+    kernels = MUTATIONS[name][0]
     call = case.call(mask=kind, mask_shape="BHLS")
     import torch
 
     inputs = execute.random_inputs(call, seed=3)
     inputs["mask"] = inputs["kernel_mask"] = holes(call, torch.Generator().manual_seed(3))
     seen = set()
-
-    def edit(kernel, source):
-        if kernel in kernels:
-            assert old in source, f"{old!r} is not in {kernel}: the mutation would test nothing"
-            seen.add(kernel)
-            source = source.replace(old, new)
-        return source
-
     with engine_setup.engine_required():
         record = encode.encode(call, check_refusal=False)
     try:
-        execution = execute.execute(record, inputs, edit=edit)
+        execution = execute.execute(record, inputs, edit=engine_setup.mutated([MUTATIONS[name]], seen))
         comparison = execute.compare(execution, execute.reference(call, inputs), execute.tolerances(call))
         failed = not comparison.ok
     except (metal.MetalExecutionError, execute.ReplayError):
