@@ -82,6 +82,13 @@ def mutated(edits, seen: set):
     return edit
 
 
+def copies_even(copies: dict) -> bool:
+    """A kernel's copies (patch 0014; `run`'s "copies") as even as 8-byte accesses allow:
+    within 0.05 of balance_floor, hence within 1.5 of an even split wherever a tile has 8
+    bytes for each thread."""
+    return copies["balance"] <= copies["balance_floor"] + 0.05
+
+
 def kernels_of(call: encode.Call):
     """(source, function) of every dispatch ``call`` encodes."""
     record = encode.encode(call)

@@ -10,7 +10,9 @@ The matrix is a covering design: each row of ccv's parameter tables (block sizes
 dim, per GPU family: v2/AttentionDescriptor.cpp) of each kernel runs at least once; each
 GPU family and dtype in both macOS modes (async copies, or none); each schedule; lengths
 that leave a remainder of 1 and of a block minus 1; batch and heads > 1; tensors at nonzero
-offsets. MFA_ENGINE_FULL=1 adds every row in both dtypes and modes, and long sequences.
+offsets. Without async copies every kernel's tile copies are as even as 8-byte accesses
+allow and mostly vectors (patch 0014, tests/test_engine_copies.py). MFA_ENGINE_FULL=1 adds
+every row in both dtypes and modes, and long sequences.
 Mutation tests show that the executor catches what it claims to catch.
 
 Run as a script (`python test_engine_execute.py SPEC-JSON`) this file is the child process
@@ -28,7 +30,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from engine_setup import call_id, compile_all, engine_call, engine_required, kernels_of  # puts tools/ on sys.path
+from engine_setup import call_id, compile_all, copies_even, engine_call, engine_required, kernels_of  # puts tools/ on sys.path
 
 from engine import build, encode, execute  # noqa: E402  (after engine_setup)
 
@@ -145,6 +147,13 @@ def test_kernels_match_float64_pytorch(metal, case):
         expected.add("cast_float_to_half")
     assert set(result["mma"]) == expected
     assert all(result["mma"][name] > 0 for name in KERNELS if name in expected)
+    # Patch 0014: without async copies every thread copies an even share, by 8- and 16-byte
+    # vectors (D is a multiple of 8). Async copies are the copy engine's; casts copy no tiles.
+    for name, copies in result["copies"].items():
+        if case.macos >= 26 and name in KERNELS:
+            assert copies_even(copies) and copies["vector_share"] >= 0.9, (name, copies)
+        else:
+            assert copies is None, (name, copies)
 
 
 def test_cli_prints_one_json_line_and_the_forward_mma_count(metal):
@@ -155,7 +164,7 @@ def test_cli_prints_one_json_line_and_the_forward_mma_count(metal):
     case = Case("apple9", "fp32", 72, 97, 130, batch=2, heads=3, grad=False)
     code, result, stderr = run_cli(*case.flags(), "--seed", "3")
     assert code == 0 and result["ok"], f"exit {code}: {result}\n{stderr[-3000:]}"
-    assert set(result) == {"ok", "max_abs", "max_rel", "used", "tolerance", "mma", "mask_tile_reads", "float_exceptions", "seconds"}
+    assert set(result) == {"ok", "max_abs", "max_rel", "used", "tolerance", "mma", "mask_tile_reads", "copies", "float_exceptions", "seconds"}
     assert result["mask_tile_reads"] == 0
     assert set(result["tolerance"]) == {"out", "lse"} and result["seconds"] > 0
     simd_groups = case.batch * case.heads * -(-case.q_len // 16) * 2
@@ -197,15 +206,19 @@ MUTATIONS = {
     "wrong_lane_layout": ("attention_forward", "ushort N_in_quadrant = (lane_id % 2) * 2;", "ushort N_in_quadrant = (1 - lane_id % 2) * 2;"),
 }
 BARRIER = "threadgroup_barrier(mem_flags::mem_threadgroup);"
+# A barrier each copy mode needs, removed. Round-robin hides both races. With async copies
+# SIMD group 0 copies a whole tile: running ahead, it overwrites the block another SIMD
+# group has not read yet (the kernel's first barrier, before a copy). Without (patch 0014)
+# each thread copies its part: running ahead, a SIMD group reads the rows of K the others
+# have not copied yet (the barrier after K's copy).
+REMOVED_BARRIERS = {15: (BARRIER, ""), 26: ("K_block_offset, true);\n      " + BARRIER, "K_block_offset, true);\n")}
 
 
 def mutants():
     """name -> (case, kernel, old, new, schedule) of every mutant below."""
     out = {name: (MUTANT, *mutation, RR) for name, mutation in MUTATIONS.items()}
-    for macos in (15, 26):
-        # Round-robin hides this race (every thread reaches the write after every read); a
-        # SIMD group running ahead overwrites the block the other has not read yet.
-        out[f"removed_barrier_{macos}"] = (dataclasses.replace(MUTANT, macos=macos), "attention_forward", BARRIER, "", RA)
+    for macos, (old, new) in REMOVED_BARRIERS.items():
+        out[f"removed_barrier_{macos}"] = (dataclasses.replace(MUTANT, macos=macos), "attention_forward", old, new, RA)
     return out
 
 
@@ -229,8 +242,8 @@ def test_removed_barrier_fails_under_run_ahead(mutant_runs, macos):
 
 def mutant_kernels():
     """(source, function) of every mutant above, as its child process will compile it."""
-    removed_barrier = ("attention_forward", BARRIER, "")
-    for macos, mutations in ((15, [*MUTATIONS.values(), removed_barrier]), (26, [removed_barrier])):
+    for macos, mutations in ((15, list(MUTATIONS.values())), (26, [])):
+        mutations.append(("attention_forward", *REMOVED_BARRIERS[macos]))
         sources = {k.name: k.source for k in encode.encode(dataclasses.replace(MUTANT, macos=macos).call()).kernels()}
         for kernel, old, new in mutations:
             yield sources[kernel].replace(old, new, 1), "attention"

@@ -23,7 +23,9 @@ executes everything the call encodes on the CPU (tools/engine/execute.py) on ran
 and compares out, LSE (and with --grad dQ, dK, dV) with PyTorch's math SDPA in float64;
 prints one JSON line {"ok", "max_abs", "max_rel", "used" (share of the tolerance), "tolerance",
 "mma" (8x8 multiply-accumulates per kernel), "mask_tile_reads" (mask elements the tile
-summaries read: each summary reads the mask once), "float_exceptions" (per kernel, the float
+summaries read: each summary reads the mask once), "copies" (per kernel, "balance",
+"balance_floor" and "vector_share" of the tile copies its threads make themselves, patch
+0014; null where they make none: async copies are the copy engine's), "float_exceptions" (per kernel, the float
 exceptions its threads raised: invalid, divide_by_zero, overflow), "seconds"}. Exit 0 within tolerance; 1 not: a
 value no kernel wrote (NaN, max_abs null) or a kernel fault (a guard page hit, divergence,
 a missing binding: "error" instead of the figures); 2 refused; 3 engine failure.

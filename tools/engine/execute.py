@@ -112,11 +112,34 @@ class Execution:
     dk, dv [B, C, H, D], lse [B, H, R] float32 (base 2); mma: 8x8 multiply-accumulates
     executed per kernel name; float_exceptions: kernel name -> the float exceptions its
     threads raised (metal.FLOAT_EXCEPTIONS: an operation that made a NaN or an infinity),
-    for the kernels that raised any."""
+    for the kernels that raised any; copies: kernel name -> the copy counts of its threads
+    (metal.COPY_STATS summed over its dispatches), which copies() turns into figures."""
 
     outputs: dict
     mma: dict
     float_exceptions: dict = dataclasses.field(default_factory=dict)
+    copy_stats: dict = dataclasses.field(default_factory=dict)
+
+    def copies(self) -> dict:
+        """Kernel name -> {"balance": over all its tile copies, the most elements one thread
+        copied over an even split among the threadgroup's threads (summed over copies: a
+        ratio of copy times if a copy takes as long as its busiest thread); "balance_floor":
+        the same for the most even split of each copy into 8-byte accesses (above 1 where
+        a tile has fewer than 8 bytes for each thread); "vector_share": the share of device
+        bytes moved by accesses of 8 bytes or more}, or None for a kernel whose threads copy
+        nothing (async copies are the copy engine's)."""
+        out = {}
+        for name, stats in self.copy_stats.items():
+            elements, device = stats["copy_elements"], stats["copy_device_bytes"]
+            if not elements:
+                out[name] = None
+                continue
+            out[name] = {
+                "balance": round(stats["copy_critical"] / elements, 3),
+                "balance_floor": round(stats["copy_floor"] / elements, 3),
+                "vector_share": round(stats["copy_wide_bytes"] / device, 3) if device else None,
+            }
+        return out
 
 
 def random_inputs(call: encode.Call, seed: int) -> dict:
@@ -308,6 +331,7 @@ def execute(
             memory.write(name, tensor)
         mma = collections.Counter()
         flags = collections.Counter()
+        copies = collections.defaultdict(collections.Counter)
         frozen = {}  # the forward's results, which the backward must only read
         for launch, dispatch in zip(memory.launches, record.dispatches):
             pipeline = record.raw["pipelines"][dispatch["pipeline"]]
@@ -322,6 +346,7 @@ def execute(
             stats = kernel.run(dispatch["grid"], dispatch["group"], buffers, constants, lengths, schedule=schedule)
             mma[name] += stats.get("mma", 0)
             flags[name] |= stats.get("float_exceptions", 0)
+            copies[name].update({key: stats[key] for key in metal.COPY_STATS})
         memory.check_surroundings()
         for name, tensor in contents.items():
             if not torch.equal(memory.read(name).view(torch.uint8), tensor.contiguous().view(torch.uint8)):
@@ -332,7 +357,7 @@ def execute(
         names = OUTPUTS if record.call.grad else OUTPUTS[:2]
         outputs = {name: memory.read(BUFFER_OF.get(name, name)) for name in names}
         raised = {name: metal.float_exceptions(bits) for name, bits in flags.items() if bits}
-        return Execution(outputs, dict(mma), raised)
+        return Execution(outputs, dict(mma), raised, {name: dict(counts) for name, counts in copies.items()})
     finally:
         memory.free()
         for buffer in transient:
@@ -466,6 +491,7 @@ def run(
         "tolerance": {name: {"atol": a, "rtol": r} for name, (a, r) in comparison.tolerance.items()},
         "mma": execution.mma,
         "mask_tile_reads": mask_tile_reads(record),
+        "copies": execution.copies(),
         "float_exceptions": execution.float_exceptions,
         "seconds": round(time.perf_counter() - started, 3),
     }

@@ -447,9 +447,11 @@ class _Launch(ctypes.Structure):
     ]
 
 
+# The counts of the copies a kernel's threads make themselves (ccv patch 0014).
+COPY_STATS = ("copy_elements", "copy_critical", "copy_floor", "copy_device_bytes", "copy_wide_bytes")
 STAT_NAMES = (
     "mma", "threadgroups", "threads", "barriers", "simd_collectives", "async_copies", "async_copy_bytes", "switches",
-    "float_exceptions",
+    "float_exceptions", *COPY_STATS,
 )  # fmt: skip
 # The float exceptions a launch reports (<fenv.h> on x86-64): an operation that made a NaN, an
 # infinity from a division by zero, or an infinity from a finite overflow.
@@ -507,8 +509,12 @@ class Kernel:
         threadgroup_memory: [[threadgroup(n)]] -> bytes. Extra entries (bindings a kernel
         does not declare) are ignored, as Metal ignores them. Returns counts: mma (8x8
         multiply-accumulates executed), threadgroups, threads, barriers, simd_collectives,
-        async_copies, async_copy_bytes, switches, and float_exceptions (float_exceptions()
-        names them)."""
+        async_copies, async_copy_bytes, switches, float_exceptions (float_exceptions()
+        names them), and the copies the threads make themselves (ccv patch 0014's hooks):
+        copy_elements (of the tiles), copy_critical (over copies, the most one thread wrote times the
+        threadgroup's threads), copy_floor (the same for the most even split into 8-byte
+        accesses), copy_device_bytes and copy_wide_bytes (moved by accesses of 8 bytes or
+        more)."""
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule {schedule!r} is not one of {SCHEDULES}")
         grid, group = _size(grid, "grid"), _size(group, "group")

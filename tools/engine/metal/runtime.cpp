@@ -13,7 +13,9 @@
 // A thread that returns while others wait at a barrier or collective, a thread that
 // reaches one after another returned, lanes at different collectives, and a deadlock are
 // errors, as are faults (the caller's guard pages), stack overflow and integer division
-// by zero: the launch stops and returns the message.
+// by zero, and in the copies threads make themselves (ccv patch 0014's hooks) an access
+// not aligned to its size, a copy not every thread made or whose threads did not write
+// each element of its tile once: the launch stops and returns the message.
 //
 // Schedules (the order in which ready fibers run, which decides what a race shows):
 //   round_robin  fibers take turns; each yields at every barrier and collective. SIMD
@@ -23,7 +25,8 @@
 //                threadgroup barrier. A SIMD group that overwrites threadgroup memory before
 //                the others have read it (a missing barrier) shows.
 //   run_behind   as run_ahead, from the last SIMD group to the first: the readers run before
-//                the SIMD group that writes what they read (ccv's copies are SIMD group 0's).
+//                the SIMD group that writes what they read (ccv's async copies are SIMD
+//                group 0's).
 // Lanes of one SIMD group run one after another between two collectives (the GPU runs
 // them in lockstep, which Metal does not promise): code relying on that fails here.
 // Threadgroup memory is filled with 0x7FC07FC0 (a quiet NaN as float, half and bfloat)
@@ -115,7 +118,14 @@ struct Fiber {
   void* sp = nullptr;
   State state = DONE;
   uint32_t index = 0, simd = 0, lane = 0;
+  uint32_t copies = 0;  // MFA_COPY_DONE calls so far
   mfa_ids ids{};
+};
+
+// One copy of the threadgroup in progress: the most elements one thread wrote, all the
+// threads wrote, the tile's, and their size.
+struct CopyTally {
+  uint64_t most = 0, written = 0, tile = 0, size = 1;
 };
 
 struct Simd {
@@ -128,6 +138,11 @@ struct Simd {
 struct Stats {
   uint64_t mma, threadgroups, threads, barriers, simd_collectives, async_copies, async_copy_bytes, switches;
   uint64_t float_exceptions;  // FE_INVALID | FE_DIVBYZERO | FE_OVERFLOW raised by any thread
+  // Copies made by the threads (MFA_COPY_ACCESS, MFA_COPY_DONE): the tiles' elements; the sum
+  // over copies of the most one thread copied, times the threadgroup's threads, and of the
+  // least that most can be when every access moves 8 bytes; device bytes moved, and those
+  // moved by accesses of 8 bytes or more.
+  uint64_t copy_elements, copy_critical, copy_floor, copy_device_bytes, copy_wide_bytes;
 };
 
 struct Launch {
@@ -154,6 +169,7 @@ struct Runtime {
   void* scheduler_sp = nullptr;
   std::string error;
   uint32_t tg[3] = {0, 0, 0};
+  std::vector<CopyTally> copies;  // the threadgroup's n-th copy: every thread's n-th
 
   // Memory of the launch in progress (release_memory gives it back at its end).
   std::vector<unsigned char*> stacks;  // each: guard page, then stack_size bytes
@@ -431,6 +447,7 @@ void threadgroup_begin(const uint32_t tg[3]) {
     f.simd = i / 32;
     f.lane = i % 32;
     f.state = READY;
+    f.copies = 0;
     mfa_ids& d = f.ids;
     const uint32_t local[3] = {i % gx, (i / gx) % gy, i / (gx * gy)};
     for (int k = 0; k < 3; ++k) {
@@ -458,9 +475,37 @@ void threadgroup_begin(const uint32_t tg[3]) {
     s.kind = 0;
   }
   rt.group_arrived = rt.group_exited = 0;
+  rt.copies.clear();
   // Poison: a quiet NaN as float, as half and as bfloat.
   uint32_t* words = (uint32_t*)rt.tg_memory;
   for (size_t i = 0; i < rt.tg_mapped / 4; ++i) words[i] = 0x7FC07FC0u;
+}
+
+// A threadgroup's copies into the launch's Stats: every thread must have made each of them
+// (the threadgroup shares a copy: a thread that skipped one would leave its part unwritten),
+// and together written each element of its tile once.
+bool tally_copies() {
+  for (const Fiber& f : rt.fibers) {
+    if (f.copies != rt.fibers[0].copies) {
+      rt.error = "a tile copy not made by every thread: thread " + std::to_string(f.index) + " made " +
+                 std::to_string(f.copies) + ", thread 0 " + std::to_string(rt.fibers[0].copies) + where(&f);
+      return false;
+    }
+  }
+  for (size_t n = 0; n < rt.copies.size(); ++n) {
+    const CopyTally& c = rt.copies[n];
+    if (c.written != c.tile) {
+      rt.error = "copy " + std::to_string(n) + " of threadgroup [" + std::to_string(rt.tg[0]) + ", " +
+                 std::to_string(rt.tg[1]) + ", " + std::to_string(rt.tg[2]) + "]: its threads wrote " +
+                 std::to_string(c.written) + " elements of a tile of " + std::to_string(c.tile);
+      return false;
+    }
+    const uint64_t accesses = (c.tile * c.size + 8 * rt.threads - 1) / (8 * rt.threads);
+    rt.stats->copy_elements += c.tile;
+    rt.stats->copy_critical += c.most * rt.threads;
+    rt.stats->copy_floor += accesses * 8 / c.size * rt.threads;
+  }
+  return true;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -635,6 +680,30 @@ void* __mfa_rt_threadgroup(int index) { return rt.tg_pointers[index]; }
 
 void __mfa_rt_fail(const char* message) { fail(message); }
 
+void __mfa_rt_copy_access(const void* pointer, unsigned bytes) {
+  const uintptr_t address = (uintptr_t)pointer;
+  if (bytes == 0 || (bytes & (bytes - 1)) || address % bytes)
+    fail("a copy's " + std::to_string(bytes) + "-byte access at " + std::to_string(address % 16) +
+         " bytes past a multiple of 16 (Metal needs its vectors aligned to their size)");
+  const uintptr_t tg = (uintptr_t)rt.tg_memory;
+  if (address >= tg && address < tg + rt.tg_mapped) return;  // threadgroup memory
+  rt.stats->copy_device_bytes += bytes;
+  if (bytes >= 8) rt.stats->copy_wide_bytes += bytes;
+}
+
+void __mfa_rt_copy_done(unsigned elements, unsigned tile_elements, unsigned element_size) {
+  const uint32_t n = rt.current->copies++;
+  if (n >= rt.copies.size()) rt.copies.resize(n + 1);
+  CopyTally& c = rt.copies[n];
+  if (c.written && (c.tile != tile_elements || c.size != element_size))
+    fail("the threads of a copy disagree on its tile: " + std::to_string(c.tile) + " and " +
+         std::to_string(tile_elements) + " elements");
+  if (elements > c.most) c.most = elements;
+  c.written += elements;
+  c.tile = tile_elements;
+  c.size = element_size;
+}
+
 // bfloat conversions clang emits and Debian's libgcc lacks (round to nearest even).
 __attribute__((visibility("hidden"))) __bf16 __truncsfbf2(float x) {
   uint32_t u;
@@ -688,6 +757,7 @@ MFA_EXPORT int mfa_launch(const Launch* launch, Stats* stats, char* error, size_
         for (tg[0] = 0; ok && tg[0] < L.grid[0]; ++tg[0]) {
           threadgroup_begin(tg);
           ok = L.schedule == ROUND_ROBIN ? run_round_robin() : run_simd_groups(L.schedule == RUN_BEHIND);
+          ok = ok && tally_copies();
           ++stats->threadgroups;
           stats->threads += threads;
         }

@@ -72,6 +72,8 @@ void __mfa_rt_wait_events(int count, void* const* events);
 void* __mfa_rt_buffer(int index);
 void* __mfa_rt_threadgroup(int index);
 void __mfa_rt_fail(MFA_LITERAL* message);
+void __mfa_rt_copy_access(const void* pointer, unsigned bytes);
+void __mfa_rt_copy_done(unsigned elements, unsigned tile_elements, unsigned element_size);
 
 // Defined by the generated entry code of each kernel.
 void __mfa_thread_main(const struct mfa_ids* ids);
