@@ -75,6 +75,19 @@ def no_selfcheck(monkeypatch):
     monkeypatch.setattr(trust, "mode", "off")
 
 
+@pytest.fixture
+def recorded_mfa(monkeypatch):
+    """An MFAKernel whose native bridge is helpers.RecordingBridge (kernel.bridge)."""
+    from helpers import RecordingBridge
+    from metal_flash_sdpa.kernels import mfa
+
+    bridge = RecordingBridge()
+    monkeypatch.setattr(mfa, "_native", bridge)
+    kernel = mfa.MFAKernel()
+    kernel.bridge = bridge
+    return kernel
+
+
 def run_python(code, env=None, args=(), timeout=120):
     """Run ``code`` in a fresh interpreter with this environment's site-packages."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("MFA_") or k == "MFA_CACHE_DIR"}

@@ -34,6 +34,27 @@ class RecordingKernel(metal_flash_sdpa.ReferenceKernel):
         return super().backward(*args, dropout=dropout)
 
 
+class RecordingBridge:
+    """Stands in for MFAKernel's native bridge: records per call (pass, summarize, the
+    summaries' ids) in ``calls`` and the tensors it is handed in ``tensors``; sizes
+    summaries by the mask."""
+
+    def __init__(self):
+        self.calls = []
+        self.tensors = []
+
+    def mask_tiles_bytes(self, q, k, v, scale, causal, mask, backward):
+        return [mask.shape[-2] + 8] * (2 if backward else 1)
+
+    def attention_forward(self, q, k, v, out, lse, scale, causal, mask=None, tiles=(), summarize=True):
+        self.calls.append(("forward", mask is not None and summarize, [id(t) for t in tiles]))
+        self.tensors.append((q, k, v, out, lse))
+
+    def attention_backward(self, q, k, v, out, lse, grad_out, dq, dk, dv, scale, causal, mask=None, tiles=(), summarize=True):
+        self.calls.append(("backward", mask is not None and summarize, [id(t) for t in tiles]))
+        self.tensors.append((q, k, v, out, lse, grad_out, dq, dk, dv))
+
+
 class NoDropoutKernel(metal_flash_sdpa.ReferenceKernel):
     name = "no-dropout"
     supports_dropout = False

@@ -5,32 +5,12 @@ stand-in for the bridge that records what each call is told."""
 import pytest
 import torch
 
-from metal_flash_sdpa.kernels import mask_tiles, mfa
-
-
-class FakeBridge:
-    """Records (pass, summarize, the summaries' ids) per call; sizes summaries by the mask."""
-
-    def __init__(self):
-        self.calls = []
-
-    def mask_tiles_bytes(self, q, k, v, scale, causal, mask, backward):
-        return [mask.shape[-2] + 8] * (2 if backward else 1)
-
-    def attention_forward(self, q, k, v, out, lse, scale, causal, mask=None, tiles=(), summarize=True):
-        self.calls.append(("forward", mask is not None and summarize, [id(t) for t in tiles]))
-
-    def attention_backward(self, q, k, v, out, lse, grad_out, dq, dk, dv, scale, causal, mask=None, tiles=(), summarize=True):
-        self.calls.append(("backward", mask is not None and summarize, [id(t) for t in tiles]))
+from metal_flash_sdpa.kernels import mask_tiles
 
 
 @pytest.fixture
-def kernel(monkeypatch):
-    bridge = FakeBridge()
-    monkeypatch.setattr(mfa, "_native", bridge)
-    kernel = mfa.MFAKernel()
-    kernel.bridge = bridge
-    return kernel
+def kernel(recorded_mfa):
+    return recorded_mfa
 
 
 def qkv(length=40):

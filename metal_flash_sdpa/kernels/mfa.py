@@ -233,15 +233,15 @@ class MFAKernel(Kernel):
         # logical [B, H, S, D] views of [B, S, H, D] memory (the op layer's contract)
         out = torch.empty((batch, q_len, heads, v.shape[-1]), dtype=q.dtype, device=q.device)
         lse = torch.empty((batch, heads, q_len), dtype=torch.float32, device=q.device)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k, v = (aligned(t.transpose(1, 2)) for t in (q, k, v))
         self._masked(native.attention_forward, (q, k, v, out, lse), scale, causal, mask, False)
         return out.transpose(1, 2), lse
 
     def backward(self, grad_out, q, k, v, out, lse, scale: float, causal: bool, mask):
         native = _require_native()
         dq, dk, dv = (_empty_bshd(t) for t in (q, k, v))
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        tensors = (q, k, v, out.transpose(1, 2), lse, grad_out.transpose(1, 2), dq, dk, dv)
+        q, k, v, grad_out = (aligned(t.transpose(1, 2)) for t in (q, k, v, grad_out))
+        tensors = (q, k, v, out.transpose(1, 2), lse, grad_out, dq, dk, dv)
         self._masked(native.attention_backward, tensors, scale, causal, mask, True)
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
@@ -275,6 +275,16 @@ def keys_contiguous(mask):
         return mask
     index = tuple(slice(0, 1) if stride == 0 else slice(None) for stride in mask.stride()[:-1])
     return mask[index].contiguous().expand(mask.shape)
+
+
+def aligned(t):
+    """``t``, or a copy of it when its first byte is not at a multiple of 16 in its buffer.
+    ccv copies tiles of q, k, v and grad_out with 16-byte vectors (patch 0014) and refuses a
+    tensor bound elsewhere; a view at another offset (a slice of a fused projection at an
+    odd element) is rare, and copying it keeps the kernels those the self-check ran."""
+    if t.storage_offset() * t.element_size() % 16 == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _empty_bshd(t):
