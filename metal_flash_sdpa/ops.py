@@ -131,7 +131,7 @@ def _dropout(dropout_p, seed):
 def _forward(kernel, q, k, v, mask, scale, causal, dropout_p=0.0, seed=None):
     # the variant's self-check on its first use; counted once the kernel returned: a call it
     # failed on ends up in PyTorch, not here
-    _verify(kernel, "forward", q, k, v, mask, scale, causal)
+    _verify(kernel, "forward", q, k, v, mask, scale, causal, bool(dropout_p))
     if dropout_p:  # kernels that never drop need not take the argument
         result = kernel.forward(q, k, v, scale, causal, mask, dropout=_dropout(dropout_p, seed))
     else:
@@ -150,7 +150,7 @@ def _backward(kernel, grad_out, q, k, v, out, lse, mask, scale, causal, dropout_
         if mask_grad:
             options["mask_grad"] = True
         try:
-            _verify(kernel, "backward", q, k, v, mask, scale, causal)
+            _verify(kernel, "backward", q, k, v, mask, scale, causal, bool(dropout_p))
             return kernel.backward(grad_out, q, k, v, out, lse, scale, causal, mask, **options)
         except Exception as error:
             kernel_failed(kernel, error, "backward", q, k, v, mask, causal, True, scale, dropout_p)

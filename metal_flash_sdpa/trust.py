@@ -43,6 +43,7 @@ from typing import NamedTuple
 import torch
 
 from . import config
+from . import dropout as _dropout
 
 STORE_NAME = "verdicts.json"
 FORMAT = 1
@@ -50,6 +51,7 @@ FORMAT = 1
 # ragged in both. A call's own shorter lengths are kept, and equal lengths stay equal.
 CANARY_LENGTHS = (67, 149)
 SEED = 16
+CANARY_DROPOUT = 0.25  # a dropout variant's canary drops with this p (and the seed SEED)
 MASK_KINDS = ("none", "broadcast", "per-head", "bool broadcast", "bool per-head")
 
 mode = config.selfcheck_mode()  # "on", "off" or "always"; tests set it directly
@@ -86,15 +88,16 @@ class SelfCheckFailed(RuntimeError):
         super().__init__(self.warning)
 
 
-def verify(kernel, stage, q, k, v, mask, scale, causal) -> None:
+def verify(kernel, stage, q, k, v, mask, scale, causal, dropout=False) -> None:
     """Return when the variant of this op-level call (4-D tensors, 4-D mask, scale
-    resolved) may run on ``kernel`` in ``stage``; raise SelfCheckFailed when it failed its
-    self-check. The first call of a variant checks it (one thread; the others wait)."""
+    resolved; ``dropout``: whether it drops) may run on ``kernel`` in ``stage``; raise
+    SelfCheckFailed when it failed its self-check. The first call of a variant checks it
+    (one thread; the others wait)."""
     if mode == "off":
         return
     shape = q.shape
     mask_kind = 0 if mask is None else _mask_kind(mask.dtype == torch.bool, mask.shape[1] != 1)
-    key = (kernel, q.device, stage, q.dtype, shape[1], k.shape[1], shape[3], v.shape[3], scale, causal, mask_kind)
+    key = (kernel, q.device, stage, q.dtype, shape[1], k.shape[1], shape[3], v.shape[3], scale, causal, mask_kind, dropout)
     failed = _known.get(key, _UNKNOWN)
     if failed is None:
         return
@@ -111,10 +114,11 @@ def _mask_kind(is_bool, per_head) -> int:
 
 
 def describe(key) -> str:
-    _, device, _, dtype, q_heads, kv_heads, head_dim, value_dim, scale, causal, mask_kind = key
+    _, device, _, dtype, q_heads, kv_heads, head_dim, value_dim, scale, causal, mask_kind, dropout = key
     return (
         f"device={device.type} dtype={str(dtype).replace('torch.', '')} head_dim={head_dim} value_dim={value_dim} "
         f"q_heads={q_heads} kv_heads={kv_heads} scale={scale:.6g} causal={causal} mask={MASK_KINDS[mask_kind]}"
+        + (" dropout" if dropout else "")
     )
 
 
@@ -172,7 +176,7 @@ def build_id() -> str:
 def store_key(key, **extra) -> str:
     """The verdict's key on disk: the variant (with ``extra`` fields) and its context, as
     canonical JSON."""
-    kernel, device, stage, dtype, q_heads, kv_heads, head_dim, value_dim, scale, causal, mask_kind = key
+    kernel, device, stage, dtype, q_heads, kv_heads, head_dim, value_dim, scale, causal, mask_kind, dropout = key
     variant = {
         "kernel": kernel.name,
         "class": f"{type(kernel).__module__}.{type(kernel).__qualname__}",
@@ -186,6 +190,7 @@ def store_key(key, **extra) -> str:
         "scale": scale,
         "causal": causal,
         "mask": MASK_KINDS[mask_kind],
+        "dropout": dropout,
         **extra,
     }
     return json.dumps({"variant": variant, "context": context(kernel, device)}, sort_keys=True, default=str)
@@ -222,7 +227,7 @@ def canary_lengths(q_len, kv_len):
 def canary_inputs(key, q_len, kv_len):
     """The canary of variant ``key`` for a call of these lengths, on the CPU in the variant's
     dtype: (q, k, v, mask or None, grad_out or None), [1, H, L, D] (mask [1, 1 or H, L, S])."""
-    _, _, stage, dtype, q_heads, kv_heads, head_dim, value_dim, _, _, mask_kind = key
+    _, _, stage, dtype, q_heads, kv_heads, head_dim, value_dim, _, _, mask_kind, _ = key
     q_len, kv_len = canary_lengths(q_len, kv_len)
     generator = torch.Generator().manual_seed(SEED)  # not the user's random stream
 
@@ -252,34 +257,42 @@ def _canary(key, q_len, kv_len):
     """-> (kernel's, PyTorch's in the dtype, float64's) out (and dq, dk, dv) on the canary."""
     from . import ops
 
-    kernel, device, *_, scale, causal, _ = key
+    kernel, device, *_, scale, causal, _, dropped = key
     cpu = canary_inputs(key, q_len, kv_len)
     q, k, v, mask, grad_out = (None if t is None else t.to(device) for t in cpu)
     layout = kernel.layout
+    # A dropout variant drops with a fixed p and seed; PyTorch takes the same decisions.
+    options, dropout = {}, None
+    if dropped:
+        options["dropout"] = (CANARY_DROPOUT, SEED)
+        keep = _dropout.keep_mask(SEED, CANARY_DROPOUT, 1, q.shape[1], q.shape[2], k.shape[2])
+        dropout = (CANARY_DROPOUT, keep)
     with torch.no_grad():
         tensors = [ops.to_layout(t, layout) for t in (q, k, v)]
-        out, lse = kernel.forward(*tensors, scale, causal, mask)
+        out, lse = kernel.forward(*tensors, scale, causal, mask, **options)
         ours = [out]
         if grad_out is not None:
-            ours += kernel.backward(ops.to_layout(grad_out, layout), *tensors, out, lse, scale, causal, mask)
+            ours += kernel.backward(ops.to_layout(grad_out, layout), *tensors, out, lse, scale, causal, mask, **options)
         ours = [t.cpu() for t in ours]  # waits for the device: its errors surface here
-        theirs = _math_sdpa(q, k, v, mask, scale, causal, grad_out)
+        theirs = _math_sdpa(q, k, v, mask, scale, causal, grad_out, dropout and (dropout[0], dropout[1].to(device)))
     q, k, v, mask, grad_out = (t if t is None or t.dtype == torch.bool else t.double() for t in cpu)
-    return ours, theirs, _math_sdpa(q, k, v, mask, scale, causal, grad_out)
+    return ours, theirs, _math_sdpa(q, k, v, mask, scale, causal, grad_out, dropout)
 
 
-def _math_sdpa(q, k, v, mask, scale, causal, grad_out):
-    """PyTorch's math SDPA: [out] or [out, dq, dk, dv] for ``grad_out``. Its aten op itself,
-    not sdpa_kernel(MATH): that flips process-wide backend flags, and calls in other threads
-    would then fall back (rules.BACKENDS) while a self-check runs."""
+def _math_sdpa(q, k, v, mask, scale, causal, grad_out, dropout=None):
+    """PyTorch's math SDPA: [out] or [out, dq, dk, dv] for ``grad_out``; ``dropout``: (p,
+    the keep mask). Its aten op itself, not sdpa_kernel(MATH): that flips process-wide
+    backend flags, and calls in other threads would then fall back (rules.BACKENDS) while a
+    self-check runs."""
     from . import ops
 
+    p, keep = dropout or (0.0, None)
     if grad_out is None:
         with torch.no_grad():
-            return [ops.math_sdpa(q, k, v, mask, causal, scale)]
+            return [ops.math_sdpa(q, k, v, mask, causal, scale, p, keep)]
     inputs = [t.detach().requires_grad_() for t in (q, k, v)]
     with ops._with_autograd(), torch.enable_grad():
-        out = ops.math_sdpa(*inputs, mask, causal, scale)
+        out = ops.math_sdpa(*inputs, mask, causal, scale, p, keep)
         # grad of sum(out * grad_out), the same numbers: autograd.grad given grad_outputs
         # first imports torch's symbolic shapes (sympy), a second on a cold start
         return [out.detach(), *torch.autograd.grad((out * grad_out).sum(), inputs)]
@@ -326,7 +339,7 @@ def calibrate(kernel, q, k, v, mask, causal, scale, gqa, pytorch):
             return _choices[found]
         mask_kind = 0 if mask is None else _mask_kind(mask.dtype == torch.bool, call.mask_per_head)
         variant = (kernel, q.device, "calibration", q.dtype, call.q_heads, call.kv_heads, call.head_dim,
-                   call.value_dim, call.softmax_scale, causal, mask_kind)
+                   call.value_dim, call.softmax_scale, causal, mask_kind, False)
         stored_as = store_key(variant, q_bucket=found[1], kv_bucket=found[2])
         record = None if mode == "always" else store.get_record(stored_as)
         if record is None or record.get("choice") not in ("kernel", "pytorch"):
@@ -527,7 +540,7 @@ def status_lines() -> list:
 
 
 def _order(variant) -> tuple:
-    fields = ("kernel", "device", "dtype", "head_dim", "value_dim", "q_heads", "kv_heads", "scale", "causal", "mask")
+    fields = ("kernel", "device", "dtype", "head_dim", "value_dim", "q_heads", "kv_heads", "scale", "causal", "mask", "dropout")
     return (*(str(variant.get(name)) for name in fields), variant.get("stage") == "backward")
 
 
@@ -536,6 +549,7 @@ def _variant_fields(variant) -> str:
     return (
         f"D={variant['head_dim']} Dv={variant['value_dim']} Hq={variant['q_heads']} Hk={variant['kv_heads']} "
         f"scale={variant['scale']:.6g} causal={variant['causal']} mask={variant['mask']}"
+        + (" dropout" if variant.get("dropout") else "")
     )
 
 

@@ -134,9 +134,9 @@ uint64_t max_buffer_length() {
 // kMaxPipelineShapes new shapes. Counted per call shape (forward and backward apart; a
 // sliced call makes pipelines for at most two slice shapes: mfa_params.hpp, runs).
 constexpr size_t kMaxPipelineShapes = 64;
-// B R C Hq Hk D dtype backward scale causal, and the mask's strides (-1: no mask) and kind
-using PipelineShape =
-    std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, bool, float, bool, int64_t, int64_t, int64_t, bool>;
+// B R C Hq Hk D dtype backward scale causal, the mask's strides (-1: no mask) and kind, dropout
+using PipelineShape = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, bool, float, bool, int64_t,
+                                 int64_t, int64_t, bool, bool>;
 std::set<PipelineShape> g_pipeline_shapes;
 
 // Evicts ccv's pipelines when `shape` would be one too many. Waits for the stream first, so
@@ -206,7 +206,7 @@ mfa_sdpa::MaskTilesLayout mask_tiles_layout_locked(ccv_nnc_mfa_context_t* contex
 // own ops would.
 void encode(const mfa_sdpa::Shape& s, mfa_sdpa::DType dtype, float scale, bool backward, bool causal,
             const std::optional<mfa_sdpa::MaskStrides>& mask, Bindings& bindings, bool summarize,
-            const std::vector<int64_t>& summary_bytes) {
+            const std::vector<int64_t>& summary_bytes, const std::optional<mfa_sdpa::Dropout>& dropout) {
   const std::string bad_scale = mfa_sdpa::check_scale(scale);
   TORCH_CHECK(bad_scale.empty(), "metal_flash_sdpa: MFA refuses this call: ", bad_scale);
   const mfa_sdpa::MaskStrides* mask_strides = mask ? &*mask : nullptr;
@@ -218,11 +218,13 @@ void encode(const mfa_sdpa::Shape& s, mfa_sdpa::DType dtype, float scale, bool b
   const mfa_sdpa::MaskStrides& m = mask ? *mask : no_mask;
   admit_pipeline_shape(context, stream,
                        {s.B, s.R, s.C, s.Hq, s.Hk, s.D, int(dtype), backward, scale, causal, m.batch, m.head, m.row,
-                        m.is_bool});
+                        m.is_bool, dropout.has_value()});
   // Held from before prepare, which grows the scratch (as the engine's driver does).
   const mfa_sdpa::ScratchKeeper scratch(context);
   // The whole call's params: the summaries are of the whole mask, whatever the slices.
-  const ccv_nnc_mfa_attention_params_t whole = mfa_sdpa::make_params(s, dtype, scale, backward, causal, mask_strides);
+  const mfa_sdpa::Dropout* drop = dropout ? &*dropout : nullptr;
+  ccv_nnc_mfa_attention_params_t whole = mfa_sdpa::make_params(s, dtype, scale, backward, causal, mask_strides);
+  mfa_sdpa::set_dropout(whole, drop);
   mfa_sdpa::MaskTilesLayout layout;
   if (mask) {
     layout = mask_tiles_layout_locked(context, whole);
@@ -232,7 +234,7 @@ void encode(const mfa_sdpa::Shape& s, mfa_sdpa::DType dtype, float scale, bool b
                   summary_bytes.at(kernel), " bytes; ", needed[kernel], " needed");
   }
   const std::vector<mfa_sdpa::Launch> launches = mfa_sdpa::launches(s, dtype, scale, backward, causal, mask_strides,
-                                                                    mfa_sdpa::kScratchBudget, mask ? &layout : nullptr);
+                                                                    mfa_sdpa::kScratchBudget, mask ? &layout : nullptr, drop);
   ccv_call("building the MFA kernels", [&] {
     for (const mfa_sdpa::Launch& launch : launches) ccv_nnc_mfa_prepare_attention(context, launch.params);
   });
@@ -252,6 +254,16 @@ void encode(const mfa_sdpa::Shape& s, mfa_sdpa::DType dtype, float scale, bool b
       keep_until_completed(stream, (__bridge id<MTLBuffer>)replaced.get());
     }
   });
+}
+
+// Dropout as Python hands it over: (threshold, scale, seed).
+using DropoutArgument = std::tuple<uint32_t, double, uint64_t>;
+
+std::optional<mfa_sdpa::Dropout> dropout_of(const std::optional<DropoutArgument>& dropout) {
+  if (!dropout) return std::nullopt;
+  const auto& [threshold, scale, seed] = *dropout;
+  TORCH_CHECK(threshold > 0 && scale > 1, "metal_flash_sdpa: dropout threshold ", threshold, " and scale ", scale);
+  return mfa_sdpa::Dropout{threshold, float(scale), seed};
 }
 
 mfa_sdpa::DType dtype_of(at::ScalarType type) {
@@ -364,10 +376,12 @@ std::vector<int64_t> mask_tiles_bytes(const at::Tensor& q, const at::Tensor& k, 
 // mask: an attention mask, additive or bool (check_mask; patches 0008, 0012), or None;
 // mask_tiles: its tile summary (patch 0013), which `summarize` writes first, else one
 // the caller had written from this mask unchanged.
+// dropout: (threshold, scale, seed) as metal_flash_sdpa.kernels.mfa.dropout_parameters
+// computes them (patch 0015), or None.
 void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const at::Tensor& out, const at::Tensor& lse, double scale, bool causal,
                        const std::optional<at::Tensor>& mask, const std::vector<at::Tensor>& mask_tiles,
-                       bool summarize) {
+                       bool summarize, const std::optional<DropoutArgument>& dropout) {
   std::optional<mfa_sdpa::MaskStrides> strides;
   const mfa_sdpa::Shape s = check_qkv(q, k, v, false, mask, strides);
   const std::vector<int64_t> summary_bytes = check_mask_tiles(mask_tiles, mask, q, false);
@@ -384,7 +398,8 @@ void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   bindings.bind(mfa_sdpa::kFwdLSE, lse);  // ours, so ccv allocates no LSE scratch
   if (mask) bindings.bind(mfa_sdpa::kFwdMask, *mask);
   if (mask) bindings.bind(mfa_sdpa::kFwdMaskTiles, mask_tiles[0]);
-  encode(s, dtype_of(q.scalar_type()), float(scale), false, causal, strides, bindings, summarize, summary_bytes);
+  encode(s, dtype_of(q.scalar_type()), float(scale), false, causal, strides, bindings, summarize, summary_bytes,
+         dropout_of(dropout));
 }
 
 // grad_out, dq [B, R, H, D]; dk, dv [B, C, H, D]; out and lse as attention_forward wrote
@@ -395,7 +410,7 @@ void attention_backward(const at::Tensor& q, const at::Tensor& k, const at::Tens
                         const at::Tensor& out, const at::Tensor& lse, const at::Tensor& grad_out,
                         const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, double scale,
                         bool causal, const std::optional<at::Tensor>& mask, const std::vector<at::Tensor>& mask_tiles,
-                        bool summarize) {
+                        bool summarize, const std::optional<DropoutArgument>& dropout) {
   std::optional<mfa_sdpa::MaskStrides> strides;
   const mfa_sdpa::Shape s = check_qkv(q, k, v, true, mask, strides);
   const std::vector<int64_t> summary_bytes = check_mask_tiles(mask_tiles, mask, q, true);
@@ -428,7 +443,7 @@ void attention_backward(const at::Tensor& q, const at::Tensor& k, const at::Tens
     bindings.bind(mfa_sdpa::kBwdMaskTilesQ, mask_tiles[0]);
     bindings.bind(mfa_sdpa::kBwdMaskTilesKV, mask_tiles[1]);
   }
-  encode(s, dtype_of(dtype), float(scale), true, causal, strides, bindings, summarize, summary_bytes);
+  encode(s, dtype_of(dtype), float(scale), true, causal, strides, bindings, summarize, summary_bytes, dropout_of(dropout));
 }
 
 // Whether ccv's MFA runs on this GPU (Apple7 family or newer); creates the context.
@@ -476,12 +491,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "units) for q [B, R, H, D], k and v [B, C, H, D], and an optional mask [B or 1, H or 1, R, C], additive in q's dtype or bool.",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("scale"), py::arg("causal"),
         py::arg("mask") = py::none(), py::arg("mask_tiles") = std::vector<at::Tensor>(), py::arg("summarize") = true,
+        py::arg("dropout") = py::none(),
         py::call_guard<py::gil_scoped_release>());
   m.def("attention_backward", &attention_backward,
         "Writes dq, dk, dv from the forward's out and lse.",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("grad_out"),
         py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("scale"), py::arg("causal"),
         py::arg("mask") = py::none(), py::arg("mask_tiles") = std::vector<at::Tensor>(), py::arg("summarize") = true,
+        py::arg("dropout") = py::none(),
         py::call_guard<py::gil_scoped_release>());
   m.def("mask_tiles_bytes", &mask_tiles_bytes,
         "The bytes of a masked call's tile summaries: [forward] or [backward-query, backward-key-value].",

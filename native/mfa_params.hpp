@@ -256,6 +256,26 @@ inline ccv_nnc_mfa_attention_params_t make_params(const Shape& s, DType dtype, f
   return p;
 }
 
+// Attention dropout (ccv patch 0015): the threshold and the scale metal_flash_sdpa.dropout
+// computes from p (2^32 p; 1 / (1 - p) as a float) and the call's seed.
+struct Dropout {
+  std::uint32_t threshold;
+  float scale;
+  std::uint64_t seed;
+};
+
+// `p` drops with `dropout` (if any); batch and head: the call's first in the tensors.
+inline void set_dropout(ccv_nnc_mfa_attention_params_t& p, const Dropout* dropout, std::int64_t batch = 0,
+                        std::int64_t head = 0) {
+  if (!dropout) return;
+  p.dropout = 1;
+  p.dropout_threshold = dropout->threshold;
+  p.dropout_scale = dropout->scale;
+  p.dropout_seed = dropout->seed;
+  p.dropout_batch = std::uint32_t(batch);
+  p.dropout_head = std::uint32_t(head);
+}
+
 // One ccv call of a sliced call: its params, and how far (in bytes) each buffer of ccv's
 // order (ForwardBuffer or BackwardBuffer) moves to the slice's first element.
 struct Launch {
@@ -267,12 +287,13 @@ struct Launch {
 // tiles: the layout of the mask's tile summaries, with a mask.
 inline std::vector<Launch> launches(const Shape& s, DType dtype, float scale, bool backward, bool causal,
                                     const MaskStrides* mask = nullptr, std::uint64_t budget = kScratchBudget,
-                                    const MaskTilesLayout* tiles = nullptr) {
+                                    const MaskTilesLayout* tiles = nullptr, const Dropout* dropout = nullptr) {
   const std::uint64_t es = is_half(dtype) ? 2 : 4;  // q's dtype, and an additive mask's
   const std::uint64_t mask_es = mask && mask->is_bool ? 1 : es;
   std::vector<Launch> out;
   for (const Slice& p : plan_slices(s, dtype, backward, budget)) {
     Launch launch{make_params(slice_shape(s, p), dtype, scale, backward, causal, mask, {s.Hq, s.Hk}), {}};
+    set_dropout(launch.params, dropout, p.b0, p.q0);
     // [B, R, Hq, D] and [B, C, Hk, D] tensors, LSE [B, Hq, R] in fp32
     const std::uint64_t q = es * std::uint64_t((p.b0 * s.R * s.Hq + p.q0) * s.D);
     const std::uint64_t kv = es * std::uint64_t((p.b0 * s.C * s.Hk + p.k0) * s.D);

@@ -34,25 +34,55 @@ class RecordingKernel(metal_flash_sdpa.ReferenceKernel):
         return super().backward(*args, dropout=dropout)
 
 
+# What MFAKernel declares of the calls it serves (its capability attributes).
+MFA_CAPABILITIES = (
+    "dtypes",
+    "max_head_dim",
+    "head_dim_multiple",
+    "supports_value_dim_differs",
+    "supports_gqa",
+    "causal_forward",
+    "causal_backward",
+    "mask_forward",
+    "mask_backward",
+    "mask_per_head",
+    "supports_dropout",
+    "supports_mask_grad",
+)
+
+
+def with_mfa_capabilities(cls):
+    """A kernel class (an MFAKernel subclass computing as another kernel) given MFAKernel's
+    capability attributes and tolerances, as a class decorator."""
+    from metal_flash_sdpa.kernels.mfa import MFAKernel
+
+    for attribute in (*MFA_CAPABILITIES, "tolerances"):
+        setattr(cls, attribute, getattr(MFAKernel, attribute))
+    return cls
+
+
 class RecordingBridge:
     """Stands in for MFAKernel's native bridge: records per call (pass, summarize, the
-    summaries' ids) in ``calls`` and the tensors it is handed in ``tensors``; sizes
-    summaries by the mask."""
+    summaries' ids) in ``calls``, the tensors it is handed in ``tensors`` and its dropout
+    argument in ``dropouts``; sizes summaries by the mask."""
 
     def __init__(self):
         self.calls = []
         self.tensors = []
+        self.dropouts = []
 
     def mask_tiles_bytes(self, q, k, v, scale, causal, mask, backward):
         return [mask.shape[-2] + 8] * (2 if backward else 1)
 
-    def attention_forward(self, q, k, v, out, lse, scale, causal, mask=None, tiles=(), summarize=True):
+    def attention_forward(self, q, k, v, out, lse, scale, causal, mask=None, tiles=(), summarize=True, dropout=None):
         self.calls.append(("forward", mask is not None and summarize, [id(t) for t in tiles]))
         self.tensors.append((q, k, v, out, lse))
+        self.dropouts.append(dropout)
 
-    def attention_backward(self, q, k, v, out, lse, grad_out, dq, dk, dv, scale, causal, mask=None, tiles=(), summarize=True):
+    def attention_backward(self, q, k, v, out, lse, grad_out, dq, dk, dv, scale, causal, mask=None, tiles=(), summarize=True, dropout=None):
         self.calls.append(("backward", mask is not None and summarize, [id(t) for t in tiles]))
         self.tensors.append((q, k, v, out, lse, grad_out, dq, dk, dv))
+        self.dropouts.append(dropout)
 
 
 class NoDropoutKernel(metal_flash_sdpa.ReferenceKernel):

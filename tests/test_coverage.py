@@ -70,12 +70,14 @@ def test_table_rows():
         "float16, causal+padding bool mask [B, 1, L, S]",
         "float16, GQA, per-head ALiBi mask [1, H, L, S]",
         "float16, learned additive bias [1, H, L, S] (requires grad)",  # its forward
+        "float16, attention dropout 0.1",  # patch 0015
+        "float16, causal, attention dropout 0.1",
     }
     assert rows["bfloat16, 1 x 32 heads (8 KV) x 131072 tokens, head dim 128, causal"][3] == "yes"  # sliced
     learned = rows["float16, learned additive bias [1, H, L, S] (requires grad)"]
     assert learned[3] == "no: attn_mask gradient not supported by mfa"
     for dropout in ("float16, attention dropout 0.1", "float16, causal, attention dropout 0.1"):
-        assert rows[dropout][2:4] == ["no: dropout not supported by mfa"] * 2
+        assert rows[dropout][2:4] == ["yes", "yes"]  # patch 0015, forward and backward
     # the rung column names how far the kernels of a served row were verified, and only there
     rung = {label: cells[4] for label, cells in rows.items()}
     assert {label for label, cell in rung.items() if cell != "-"} == mfa_yes

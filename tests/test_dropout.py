@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 import metal_flash_sdpa
 from metal_flash_sdpa import dropout, kernels, rules
-from helpers import NoDropoutKernel, RecordingKernel
+from helpers import NoDropoutKernel, RecordingKernel, with_mfa_capabilities
 from metal_flash_sdpa.check import compare
+from metal_flash_sdpa.kernels.mfa import MFAKernel
 
 
 def math_with_keep(q, k, v, mask, p, causal, keep, scale=None):
@@ -34,9 +35,31 @@ class OtherBitsInBackward(RecordingKernel):
         return metal_flash_sdpa.ReferenceKernel.backward(self, *args, dropout=(p, seed ^ 1))
 
 
+@with_mfa_capabilities
+class MFACapabilityRecording(RecordingKernel, MFAKernel):
+    """RecordingKernel's arithmetic with MFAKernel's declarations and its ``supports()``: which
+    calls of a model reach MFA is decided as on a Mac."""
+
+    name = "mfa-capabilities"
+    calibrated = False  # what MFA serves, not how fast
+
+    def available(self):
+        return None
+
+    def supports(self, call):
+        return MFAKernel.supports(self, call)
+
+
 @pytest.fixture
 def recording(reference_cpu, no_selfcheck):
     kernel = RecordingKernel()
+    kernels.register_kernel("cpu", kernel)
+    return kernel
+
+
+@pytest.fixture(params=[RecordingKernel, MFACapabilityRecording], ids=["reference", "mfa-capabilities"])
+def model_kernel(reference_cpu, no_selfcheck, request):
+    kernel = request.param()
     kernels.register_kernel("cpu", kernel)
     return kernel
 
@@ -295,9 +318,11 @@ def bert(transformers):
 
 
 @pytest.mark.parametrize("build", [gpt2, bert], ids=["gpt2", "bert"])
-def test_training_step_with_default_dropout(recording, monkeypatch, build):
-    """Every attention call dispatches with the model's default attention dropout (0.1), and
-    loss and gradients equal the same step computed by PyTorch's math with the same keep masks."""
+def test_training_step_with_default_dropout(model_kernel, monkeypatch, build):
+    """Every attention call dispatches with the model's default attention dropout (0.1), to
+    the reference kernel and to one that serves what MFA declares (patch 0015), and loss and
+    gradients equal the same step computed by PyTorch's math with the same keep masks."""
+    recording = model_kernel
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     model = build(transformers).train()
@@ -334,3 +359,16 @@ def test_training_step_with_default_dropout(recording, monkeypatch, build):
     assert ours[1].keys() == theirs[1].keys()
     for name, grad in ours[1].items():
         torch.testing.assert_close(grad, theirs[1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_mfa_hands_ccv_the_threshold_scale_and_seed(recorded_mfa):
+    # patch 0015 takes 2^32 p (the generator's threshold), 1 / (1 - p) as a float32 and the
+    # seed as an unsigned 64-bit int, forward and backward, masked or not
+    q, k, v = (torch.randn(1, 2, 24, 8) for _ in range(3))
+    mask = torch.rand(1, 1, 24, 24) > 0.3
+    out, lse = recorded_mfa.forward(q, k, v, 0.3, False, None, dropout=(0.1, -5))
+    recorded_mfa.backward(q, q, k, v, out, lse, 0.3, False, mask, dropout=(0.1, -5))
+    recorded_mfa.forward(q, k, v, 0.3, False, mask)
+    expected = (dropout.threshold(0.1), torch.tensor(1 / 0.9, dtype=torch.float32).item(), 2**64 - 5)
+    assert recorded_mfa.bridge.dropouts == [expected, expected, None]
+

@@ -109,7 +109,7 @@ def test_self_check_canary_skips_tiles():
 
     from metal_flash_sdpa import trust
 
-    key = (None, None, "backward", torch.float16, 4, 2, 64, 64, 0.125, False, trust.MASK_KINDS.index("bool per-head"))
+    key = (None, None, "backward", torch.float16, 4, 2, 64, 64, 0.125, False, trust.MASK_KINDS.index("bool per-head"), False)
     q, k, v, mask, grad_out = trust.canary_inputs(key, 100, 1000)
     call = encode.Call(dtype="fp16", heads=4, kv_heads=2, q_len=q.shape[2], kv_len=k.shape[2], head_dim=64, grad=True,
                        mask="bool", mask_shape="BHLS", scale=0.125)

@@ -45,26 +45,14 @@ import metal_flash_sdpa
 from metal_flash_sdpa import ReferenceKernel, kernels, rules
 from metal_flash_sdpa.check import compare
 from metal_flash_sdpa.kernels.mfa import MFAKernel
+from helpers import MFA_CAPABILITIES, with_mfa_capabilities
 
-CAPABILITIES = (
-    "dtypes",
-    "max_head_dim",
-    "head_dim_multiple",
-    "supports_value_dim_differs",
-    "supports_gqa",
-    "causal_forward",
-    "causal_backward",
-    "mask_forward",
-    "mask_backward",
-    "mask_per_head",
-    "supports_dropout",
-    "supports_mask_grad",
-)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 LENGTH = 40  # above the block of 32 below: two query blocks per call
 LAYERS = 2
 
 
+@with_mfa_capabilities
 class MFACapabilityKernel(ReferenceKernel, MFAKernel):
     """The reference kernel's arithmetic, MFA's declarations and MFA's ``supports()``.
 
@@ -98,18 +86,15 @@ class MFACapabilityKernel(ReferenceKernel, MFAKernel):
         self.decisions.append((call, reason))
         return reason
 
-    def forward(self, q, k, v, scale, causal, mask):
+    def forward(self, q, k, v, scale, causal, mask, dropout=None):
         self.forwards += 1
-        return ReferenceKernel.forward(self, q, k, v, scale, causal, mask)
+        return ReferenceKernel.forward(self, q, k, v, scale, causal, mask, dropout=dropout)
 
-    def backward(self, grad_out, q, k, v, out, lse, scale, causal, mask):
+    def backward(self, grad_out, q, k, v, out, lse, scale, causal, mask, dropout=None):
         self.backwards += 1
-        return ReferenceKernel.backward(self, grad_out, q, k, v, out, lse, scale, causal, mask)
+        return ReferenceKernel.backward(self, grad_out, q, k, v, out, lse, scale, causal, mask, dropout=dropout)
 
 
-for _attribute in CAPABILITIES:
-    setattr(MFACapabilityKernel, _attribute, getattr(MFAKernel, _attribute))
-MFACapabilityKernel.tolerances = MFAKernel.tolerances
 
 
 def mfa_verdict(call):
@@ -130,7 +115,7 @@ def kernel(restore_state, no_selfcheck):  # counts the calls it serves: no canar
 
 
 def test_the_kernel_declares_what_mfa_declares(kernel):
-    for attribute in (*CAPABILITIES, "tolerances"):
+    for attribute in (*MFA_CAPABILITIES, "tolerances"):
         assert getattr(kernel, attribute) == getattr(MFAKernel, attribute), attribute
     assert kernel.available() is None and metal_flash_sdpa.registered_kernels()["cpu"] is kernel
     # MFA's dtypes all have a tolerance (the comparisons below read them)

@@ -151,6 +151,39 @@ def test_a_wrong_backward_sends_that_variant_with_grad_to_pytorch(fresh, warned)
     assert fallbacks() == {f"kernel wrong {SELF_CHECK} for this variant": 1}
 
 
+class DropsOtherwise(ReferenceKernel):
+    """Drops other elements than metal_flash_sdpa.dropout decides (another seed): right
+    without dropout, wrong with it."""
+
+    name = "drops-otherwise"
+    supports_dropout = True
+
+    def __init__(self):
+        super().__init__(block_size=32)
+        self.canaries = []  # the dropout argument of each canary forward
+
+    def forward(self, q, k, v, scale, causal, mask, dropout=None):
+        if q.shape[0] == 1:
+            self.canaries.append(dropout)
+        return super().forward(q, k, v, scale, causal, mask, dropout=dropout and (dropout[0], dropout[1] + 1))
+
+
+def test_a_dropout_variant_is_checked_with_dropout(fresh, warned):
+    # Dropout kernels are other kernels (ccv patch 0015): their variant's canary drops, and
+    # PyTorch's math takes the same decisions; a kernel that drops otherwise fails it alone.
+    kernel = fresh(DropsOtherwise())
+    q, k, v = qkv()
+    with torch.no_grad():
+        F.scaled_dot_product_attention(q, k, v)
+        assert metal_flash_sdpa.get_dispatch_count() == 1 and fallbacks() == {}
+        F.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+    assert kernel.canaries == [None, (trust.CANARY_DROPOUT, trust.SEED)]
+    assert metal_flash_sdpa.get_dispatch_count() == 1
+    assert fallbacks() == {f"kernel drops-otherwise {SELF_CHECK} for this variant": 1}
+    (message,) = warned()
+    assert "mask=none dropout)" in message
+
+
 def test_verdicts_persist_and_key_the_machine(fresh, tmp_path, monkeypatch):
     class Machine(Recording):
         build = "23A344"

@@ -4,7 +4,7 @@
   python tools/mfa_engine.py source --dtype {fp32,fp16,bf16} --batch B --heads H
       --kv-heads HK --q-len R --kv-len C --head-dim D [--causal] [--mask {none,bool,additive}]
       [--mask-shape {LS,B1LS,BHLS,B11S}] [--mask-pattern P] [--grad] [--gpu {apple7,apple9}] [--macos N]
-      [--os-reports V] [--scale S]
+      [--os-reports V] [--scale S] [--dropout P [--dropout-seed S]]
 
 prints the Metal source of every kernel the call launches (forward; with --grad the backward
 too), each after a line `// kernel: NAME` and a line `// options: language=X.Y fast_math=on|off`
@@ -47,7 +47,9 @@ holes; additive: ALiBi-like biases, rows masked with -inf and with finfo.min) sh
 --mask-shape: [R, C], [B, 1, R, C] (default), [B, H, R, C], or [B, 1, 1, C] broadcast over
 the rows, read in place through its strides as the bridge hands it over; --mask-pattern P
 runs the mask models pass instead (masks.pattern: causal, causal-padding, window:W,
-docs:N, keypad:F, random), in that pattern's shape. A masked call's kernels read the
+docs:N, keypad:F, random), in that pattern's shape. --dropout P drops (patch 0015) with
+metal_flash_sdpa.dropout's keep decisions for the seed --dropout-seed; `run`'s reference
+drops the same elements. A masked call's kernels read the
 mask's tile summaries, which the summary kernels write first (patch 0013), as on a Mac.
 """
 
@@ -91,6 +93,8 @@ def call_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--scratch-budget", type=int, default=None, help="bytes of scratch one slice of the call may use (default: the bridge's, 64 MiB)"
     )
+    parser.add_argument("--dropout", type=float, default=0.0, help="attention dropout's p (patch 0015; default 0: none)")
+    parser.add_argument("--dropout-seed", type=int, default=0, help="with --dropout: the call's 64-bit seed")
 
 
 def to_call(args) -> encode.Call:

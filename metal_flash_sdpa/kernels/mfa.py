@@ -25,6 +25,8 @@ executor (``tools/engine``; ``verified_rung``):
   each with at most 64 MiB of scratch (patch 0011, native/mfa_params.hpp plan_slices);
   refused only if one smallest slice (one batch's one KV group with its query heads)
   needs more than the device's largest buffer (``max_buffer_length``, from the bridge);
+- attention dropout, forward and backward (patch 0015: metal_flash_sdpa.dropout's keep
+  decisions, drawn in the kernels from the call's seed, never stored);
 - ``scale`` from 2**-32 to 2**32 (patch 0010: the keys a kernel excludes keep a finite,
   far negative score at every served scale; <= 0 and non-finite scales are refused);
 - macOS 14 or later: the kernels compile as Metal 3.1, the first with ``bfloat`` (patch
@@ -40,6 +42,7 @@ machine; the native module loads on the first ``available()`` or kernel call.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import platform
 import sys
@@ -48,6 +51,7 @@ from typing import Optional
 
 import torch
 
+from .. import dropout as _dropout
 from .base import Call, Kernel
 from .mask_tiles import MaskTiles
 
@@ -131,6 +135,9 @@ class MFAKernel(Kernel):
     mask_backward = True
     mask_per_head = True
     reads_bool_masks = True  # patch 0012: a byte an element, never converted
+    # patch 0015: metal_flash_sdpa.dropout's decisions, drawn in the kernels; with causal,
+    # masks and GQA; tests/test_engine_dropout.py
+    supports_dropout = True
     # (atol, rtol) for out, dq, dk, dv, from the CPU executor (tools/engine/execute.py: the
     # emitted kernels against float64 PyTorch on the same dtype-rounded inputs) over
     # tests/test_engine_execute.py's matrix with MFA_ENGINE_FULL=1 (every table row, both GPU
@@ -227,28 +234,31 @@ class MFAKernel(Kernel):
         # the tile summaries of masks (patch 0013), reused while a mask is unchanged
         self.mask_tiles = MaskTiles()
 
-    def forward(self, q, k, v, scale: float, causal: bool, mask):
+    def forward(self, q, k, v, scale: float, causal: bool, mask, dropout=None):
         native = _require_native()
         batch, heads, q_len, _ = q.shape
         # logical [B, H, S, D] views of [B, S, H, D] memory (the op layer's contract)
         out = torch.empty((batch, q_len, heads, v.shape[-1]), dtype=q.dtype, device=q.device)
         lse = torch.empty((batch, heads, q_len), dtype=torch.float32, device=q.device)
         q, k, v = (aligned(t.transpose(1, 2)) for t in (q, k, v))
-        self._masked(native.attention_forward, (q, k, v, out, lse), scale, causal, mask, False)
+        self._masked(native.attention_forward, (q, k, v, out, lse), scale, causal, mask, False, dropout)
         return out.transpose(1, 2), lse
 
-    def backward(self, grad_out, q, k, v, out, lse, scale: float, causal: bool, mask):
+    def backward(self, grad_out, q, k, v, out, lse, scale: float, causal: bool, mask, dropout=None):
         native = _require_native()
         dq, dk, dv = (_empty_bshd(t) for t in (q, k, v))
         q, k, v, grad_out = (aligned(t.transpose(1, 2)) for t in (q, k, v, grad_out))
         tensors = (q, k, v, out.transpose(1, 2), lse, grad_out, dq, dk, dv)
-        self._masked(native.attention_backward, tensors, scale, causal, mask, True)
+        self._masked(native.attention_backward, tensors, scale, causal, mask, True, dropout)
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
-    def _masked(self, encode, tensors, scale, causal, mask, backward):
+    def _masked(self, encode, tensors, scale, causal, mask, backward, dropout):
         """``encode(*tensors, scale, causal, mask, ...)``, a masked call with its mask's tile
-        summaries: written by this call unless kept from an earlier one of the same mask."""
+        summaries: written by this call unless kept from an earlier one of the same mask;
+        ``dropout`` (p, seed) as ccv takes it."""
         scale, causal = float(scale), bool(causal)
+        if dropout is not None:
+            encode = functools.partial(encode, dropout=dropout_parameters(*dropout))
         if mask is None:
             return encode(*tensors, scale, causal)
         mask = keys_contiguous(mask)
@@ -275,6 +285,14 @@ def keys_contiguous(mask):
         return mask
     index = tuple(slice(0, 1) if stride == 0 else slice(None) for stride in mask.stride()[:-1])
     return mask[index].contiguous().expand(mask.shape)
+
+
+def dropout_parameters(p: float, seed: int) -> tuple:
+    """What ccv's dropout (patch 0015) takes for dropout ``p`` and ``seed``: the threshold
+    2^32 p (metal_flash_sdpa.dropout.threshold), 1 / (1 - p) rounded to float32, and the
+    seed as an unsigned 64-bit int."""
+    scale = torch.tensor(1.0 / (1.0 - p), dtype=torch.float32).item()
+    return _dropout.threshold(p), scale, seed & (2**64 - 1)
 
 
 def aligned(t):

@@ -5,7 +5,8 @@
 // CPU executions.
 //
 //   driver --dtype fp16 --batch B --heads H --kv-heads HK --q-len R --kv-len C --head-dim D
-//          [--grad] [--causal] [--mask-strides B,H,ROW [--mask-bool]] [--gpu apple7|apple9] [--macos N] [--scale S]
+//          [--grad] [--causal] [--mask-strides B,H,ROW [--mask-bool]] [--dropout THRESHOLD,SCALE,SEED]
+//          [--gpu apple7|apple9] [--macos N] [--scale S]
 //          [--os-reports V] [--offset BYTES]
 //          [--async-copies auto|on|off] [--fault empty-library|nil-pipeline|no-memory]
 //          [--no-prepare] [--same-command-buffer] [--no-keep-scratch] [--scratch-budget BYTES]
@@ -77,6 +78,8 @@ struct Options {
   std::uint64_t scratch_budget = mfa_sdpa::kScratchBudget;
   std::string compile_source;      // --compile-source FILE
   std::string language = "none";  // with it: X.Y or none
+  bool dropout = false;            // --dropout THRESHOLD,SCALE,SEED (metal_flash_sdpa.dropout's)
+  mfa_sdpa::Dropout drop{0, 0, 0};
 };
 
 // The scratch buffer ccv's context allocates when it is created.
@@ -105,6 +108,10 @@ Options parse(int argc, char** argv) {
       o.masked = true;
       if (std::sscanf(value().c_str(), "%" SCNd64 ",%" SCNd64 ",%" SCNd64, &o.mask.batch, &o.mask.head, &o.mask.row) != 3)
         usage("--mask-strides takes B,H,ROW");
+    } else if (a == "--dropout") {
+      o.dropout = true;
+      if (std::sscanf(value().c_str(), "%" SCNu32 ",%f,%" SCNu64, &o.drop.threshold, &o.drop.scale, &o.drop.seed) != 3)
+        usage("--dropout takes THRESHOLD,SCALE,SEED");
     } else if (a == "--mask-bool") {
       o.mask.is_bool = true;
     } else if (a == "--grad") {
@@ -350,12 +357,14 @@ int run(const Options& o) {
   const Tensor mask_tensor = mask ? tensor("mask", mfa_sdpa::mask_span(s, *mask), mask->is_bool ? 1 : es, o.offset) : Tensor{nullptr, 0};
   // The mask's tile summaries, laid out as ccv says (building their kernels, not preparing
   // the whole call, whose scratch its slices never need: as the bridge asks).
+  const mfa_sdpa::Dropout* dropout = o.dropout ? &o.drop : nullptr;
   mfa_sdpa::MaskTilesLayout layouts[2];
   ccv_nnc_mfa_attention_params_t whole[2];
   Tensor summaries[3] = {};
   const char* names[3] = {"mask_tiles_forward", "mask_tiles_backward_query", "mask_tiles_backward_key_value"};
   for (int pass = 0; mask && pass < (o.grad ? 2 : 1); ++pass) {
     whole[pass] = mfa_sdpa::make_params(s, o.dtype, float(o.scale), pass == 1, o.causal, mask);
+    mfa_sdpa::set_dropout(whole[pass], dropout);
     ccv_nnc_mfa_attention_mask_tiles_layout(context, whole[pass], layouts[pass].blocks, layouts[pass].entry_bytes);
     const std::vector<std::uint64_t> bytes = layouts[pass].pass_bytes(s, *mask, pass == 1);
     for (std::size_t kernel = 0; kernel < bytes.size(); ++kernel)
@@ -364,7 +373,8 @@ int run(const Options& o) {
   Tensor forward[mfa_sdpa::kForwardBuffers] = {q, k, v, out, mask_tensor, lse, summaries[0]};
   CommandBuffer command_buffer{o.keep_scratch, {}};
   encode(o.prepare, context,
-         mfa_sdpa::launches(s, o.dtype, float(o.scale), false, o.causal, mask, o.scratch_budget, mask ? &layouts[0] : nullptr),
+         mfa_sdpa::launches(s, o.dtype, float(o.scale), false, o.causal, mask, o.scratch_budget, mask ? &layouts[0] : nullptr,
+                            dropout),
          forward, mfa_sdpa::kForwardBuffers, command_buffer, mask ? &whole[0] : nullptr);
   if (!o.same_command_buffer) command_buffer.complete();
   if (o.grad) {
@@ -372,7 +382,8 @@ int run(const Options& o) {
            dk = tensor("dk", kv_elements, es, o.offset), dv = tensor("dv", kv_elements, es, o.offset);
     Tensor backward[mfa_sdpa::kBackwardBuffers] = {q, k, v, out, lse, dout, dq, dk, dv, mask_tensor, summaries[1], summaries[2]};
     encode(o.prepare, context,
-           mfa_sdpa::launches(s, o.dtype, float(o.scale), true, o.causal, mask, o.scratch_budget, mask ? &layouts[1] : nullptr),
+           mfa_sdpa::launches(s, o.dtype, float(o.scale), true, o.causal, mask, o.scratch_budget, mask ? &layouts[1] : nullptr,
+                              dropout),
            backward, mfa_sdpa::kBackwardBuffers, command_buffer, mask ? &whole[1] : nullptr);
   }
   command_buffer.complete();

@@ -45,6 +45,8 @@ class Call:
     os_reports: Optional[str] = None  # what its NSProcessInfo reports; None: macos
     scale: Optional[float] = None  # SDPA's scale; None: 1/sqrt(head_dim)
     scratch_budget: Optional[int] = None  # bytes of scratch a slice may use; None: the bridge's
+    dropout: float = 0.0  # attention dropout's p; 0: none
+    dropout_seed: int = 0  # the call's 64-bit seed, with dropout
 
     @property
     def torch_dtype(self):
@@ -69,10 +71,19 @@ class Call:
         if self.mask != "none":
             args += ["--mask-strides", ",".join(map(str, self.mask_strides()))]
             args += ["--mask-bool"] if self.mask == "bool" else []
+        if self.dropout:
+            args += ["--dropout", ",".join(map(str, self.dropout_parameters()))]
         # the backward in the forward's command buffer, as PyTorch's stream may encode them:
         # the driver fails a run that releases a buffer a pending dispatch binds
         args += ["--grad", "--same-command-buffer"] if self.grad else []
         return args + (["--causal"] if self.causal else [])
+
+    def dropout_parameters(self) -> tuple:
+        """(threshold, scale, seed) as the bridge hands them to ccv (MFAKernel._dropout)."""
+        import metal_flash_sdpa  # noqa: F401  (before the submodule: see README)
+        from metal_flash_sdpa.kernels.mfa import dropout_parameters
+
+        return dropout_parameters(self.dropout, self.dropout_seed)
 
     def mask_dims(self) -> tuple:
         """The stored (compact) mask's shape, [Bm, Hm, Rm, C]."""
@@ -123,6 +134,7 @@ def refusal(call: Call) -> Optional[str]:
         mask_per_head=call.mask != "none" and call.mask_dims()[1] > 1,
         needs_grad=call.grad,
         scale=call.scale,
+        dropout_p=call.dropout,
     )
     kernel = MFAKernel()
     kernel.max_buffer_length = MAX_BUFFER_LENGTH  # as the bridge reads it on a Mac

@@ -377,8 +377,9 @@ def default_scale(call: encode.Call) -> float:
 def reference(call: encode.Call, inputs: dict, scale: Optional[float] = None) -> dict:
     """PyTorch's math SDPA in float64 on exactly the (dtype-rounded) inputs: out, lse as the
     kernel defines it (log2 of the softmax denominator of scores * scale, i.e.
-    logsumexp / ln 2), and with grad dq, dk, dv by autograd with the same do. [B, S, H, D]
-    like the kernel's tensors; lse [B, H, R]."""
+    logsumexp / ln 2, without dropout), and with grad dq, dk, dv by autograd with the same
+    do; with dropout, the keep decisions of metal_flash_sdpa.dropout. [B, S, H, D] like the
+    kernel's tensors; lse [B, H, R]."""
     scale = default_scale(call) if scale is None else scale
     q, k, v = (inputs[n].double().transpose(1, 2).requires_grad_(call.grad) for n in ("q", "k", "v"))
     gqa = call.hk != call.heads  # query head h uses key/value head h // (heads / hk); dk, dv sum a group
@@ -388,8 +389,14 @@ def reference(call: encode.Call, inputs: dict, scale: Optional[float] = None) ->
         # (False = -inf: a row without keys gives 0); aten's math op, called directly, would
         # attend such a row uniformly.
         mask = masks.additive(inputs["mask"], torch.float64)
+    dropout = {}
+    if call.dropout:  # the kernels' keep decisions (metal_flash_sdpa.dropout), as the op's mask
+        from metal_flash_sdpa.dropout import keep_mask
+
+        keep = keep_mask(call.dropout_seed, call.dropout, call.batch, call.heads, call.q_len, call.kv_len)
+        dropout = {"dropout_p": call.dropout, "dropout_mask": keep}
     out, _ = torch.ops.aten._scaled_dot_product_attention_math(
-        q, k, v, attn_mask=mask, scale=scale, is_causal=call.causal, enable_gqa=gqa
+        q, k, v, attn_mask=mask, scale=scale, is_causal=call.causal, enable_gqa=gqa, **dropout
     )
     with torch.no_grad():
         keys = k.repeat_interleave(call.heads // call.hk, dim=1)
