@@ -360,13 +360,17 @@ std::vector<int64_t> check_mask_tiles(const std::vector<at::Tensor>& tiles, cons
 // The bytes of each tile summary of a masked call (patch 0013): the forward's, or the
 // backward-query's and backward-key-value's; builds the call's kernels.
 std::vector<int64_t> mask_tiles_bytes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
-                                      bool causal, const at::Tensor& mask, bool backward) {
+                                      bool causal, const at::Tensor& mask, bool backward,
+                                      const std::optional<DropoutArgument>& dropout) {
   std::optional<mfa_sdpa::MaskStrides> strides;
   const mfa_sdpa::Shape s = check_qkv(q, k, v, backward, mask, strides);
   const mfa_sdpa::DType dtype = dtype_of(q.scalar_type());
+  // The call's own params, dropout included: the kernels built here are the ones it runs.
+  ccv_nnc_mfa_attention_params_t params = mfa_sdpa::make_params(s, dtype, float(scale), backward, causal, &*strides);
+  const std::optional<mfa_sdpa::Dropout> drop = dropout_of(dropout);
+  mfa_sdpa::set_dropout(params, drop ? &*drop : nullptr);
   std::lock_guard<std::mutex> lock(g_mutex);
-  const mfa_sdpa::MaskTilesLayout layout = mask_tiles_layout_locked(
-      supported_context_locked(), mfa_sdpa::make_params(s, dtype, float(scale), backward, causal, &*strides));
+  const mfa_sdpa::MaskTilesLayout layout = mask_tiles_layout_locked(supported_context_locked(), params);
   const std::vector<std::uint64_t> bytes = layout.pass_bytes(s, *strides, backward);
   return std::vector<int64_t>(bytes.begin(), bytes.end());
 }
@@ -503,7 +507,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mask_tiles_bytes", &mask_tiles_bytes,
         "The bytes of a masked call's tile summaries: [forward] or [backward-query, backward-key-value].",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("causal"), py::arg("mask"),
-        py::arg("backward"), py::call_guard<py::gil_scoped_release>());
+        py::arg("backward"), py::arg("dropout") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("device_supported", &device_supported, py::call_guard<py::gil_scoped_release>());
   m.def("device_info", &device_info,
         "{gpu, macos_version (NSProcessInfo's), macos_build, async_copies (the probe's decision), metal_language}");

@@ -64,14 +64,17 @@ def with_mfa_capabilities(cls):
 class RecordingBridge:
     """Stands in for MFAKernel's native bridge: records per call (pass, summarize, the
     summaries' ids) in ``calls``, the tensors it is handed in ``tensors`` and its dropout
-    argument in ``dropouts``; sizes summaries by the mask."""
+    argument in ``dropouts`` (``sized``: that of each summary sizing); sizes summaries by
+    the mask."""
 
     def __init__(self):
         self.calls = []
         self.tensors = []
         self.dropouts = []
+        self.sized = []
 
-    def mask_tiles_bytes(self, q, k, v, scale, causal, mask, backward):
+    def mask_tiles_bytes(self, q, k, v, scale, causal, mask, backward, dropout=None):
+        self.sized.append(dropout)
         return [mask.shape[-2] + 8] * (2 if backward else 1)
 
     def attention_forward(self, q, k, v, out, lse, scale, causal, mask=None, tiles=(), summarize=True, dropout=None):

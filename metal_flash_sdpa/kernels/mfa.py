@@ -42,7 +42,6 @@ machine; the native module loads on the first ``available()`` or kernel call.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import platform
 import sys
@@ -257,21 +256,20 @@ class MFAKernel(Kernel):
         summaries: written by this call unless kept from an earlier one of the same mask;
         ``dropout`` (p, seed) as ccv takes it."""
         scale, causal = float(scale), bool(causal)
-        if dropout is not None:
-            encode = functools.partial(encode, dropout=dropout_parameters(*dropout))
+        options = {} if dropout is None else {"dropout": dropout_parameters(*dropout)}
         if mask is None:
-            return encode(*tensors, scale, causal)
+            return encode(*tensors, scale, causal, **options)
         mask = keys_contiguous(mask)
         q, k, v = tensors[:3]
         shape_key = (backward, tuple(q.shape), tuple(k.shape), q.dtype)  # what sizes the summaries
 
-        def make():
-            sizes = _require_native().mask_tiles_bytes(q, k, v, scale, causal, mask, backward)
+        def make():  # builds this call's kernels (with its dropout), which the summaries are of
+            sizes = _require_native().mask_tiles_bytes(q, k, v, scale, causal, mask, backward, **options)
             return [torch.empty(size, dtype=torch.uint8, device=q.device) for size in sizes]
 
         with self.mask_tiles.lock:
             summaries, summarize = self.mask_tiles.get(mask, shape_key, make)
-            encode(*tensors, scale, causal, mask, summaries, summarize)
+            encode(*tensors, scale, causal, mask, summaries, summarize, **options)
             if summarize:
                 self.mask_tiles.written(mask, shape_key)
 
