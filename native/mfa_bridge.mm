@@ -223,8 +223,7 @@ void encode(const mfa_sdpa::Shape& s, mfa_sdpa::DType dtype, float scale, bool b
   const mfa_sdpa::ScratchKeeper scratch(context);
   // The whole call's params: the summaries are of the whole mask, whatever the slices.
   const mfa_sdpa::Dropout* drop = dropout ? &*dropout : nullptr;
-  ccv_nnc_mfa_attention_params_t whole = mfa_sdpa::make_params(s, dtype, scale, backward, causal, mask_strides);
-  mfa_sdpa::set_dropout(whole, drop);
+  const ccv_nnc_mfa_attention_params_t whole = mfa_sdpa::whole_params(s, dtype, scale, backward, causal, mask_strides, drop);
   mfa_sdpa::MaskTilesLayout layout;
   if (mask) {
     layout = mask_tiles_layout_locked(context, whole);
@@ -365,12 +364,11 @@ std::vector<int64_t> mask_tiles_bytes(const at::Tensor& q, const at::Tensor& k, 
   std::optional<mfa_sdpa::MaskStrides> strides;
   const mfa_sdpa::Shape s = check_qkv(q, k, v, backward, mask, strides);
   const mfa_sdpa::DType dtype = dtype_of(q.scalar_type());
-  // The call's own params, dropout included: the kernels built here are the ones it runs.
-  ccv_nnc_mfa_attention_params_t params = mfa_sdpa::make_params(s, dtype, float(scale), backward, causal, &*strides);
   const std::optional<mfa_sdpa::Dropout> drop = dropout_of(dropout);
-  mfa_sdpa::set_dropout(params, drop ? &*drop : nullptr);
   std::lock_guard<std::mutex> lock(g_mutex);
-  const mfa_sdpa::MaskTilesLayout layout = mask_tiles_layout_locked(supported_context_locked(), params);
+  const mfa_sdpa::MaskTilesLayout layout = mask_tiles_layout_locked(
+      supported_context_locked(),
+      mfa_sdpa::whole_params(s, dtype, float(scale), backward, causal, &*strides, drop ? &*drop : nullptr));
   const std::vector<std::uint64_t> bytes = layout.pass_bytes(s, *strides, backward);
   return std::vector<int64_t>(bytes.begin(), bytes.end());
 }

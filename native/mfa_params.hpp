@@ -276,6 +276,16 @@ inline void set_dropout(ccv_nnc_mfa_attention_params_t& p, const Dropout* dropou
   p.dropout_head = std::uint32_t(head);
 }
 
+// The params of the whole call, not of a slice: what its mask's tile summaries (and the
+// kernels that size them) are built from. They are an unsliced call's only launch's, dropout
+// included: ccv builds its kernels once.
+inline ccv_nnc_mfa_attention_params_t whole_params(const Shape& s, DType dtype, float scale, bool backward, bool causal,
+                                                   const MaskStrides* mask, const Dropout* dropout) {
+  ccv_nnc_mfa_attention_params_t p = make_params(s, dtype, scale, backward, causal, mask);
+  set_dropout(p, dropout);
+  return p;
+}
+
 // One ccv call of a sliced call: its params, and how far (in bytes) each buffer of ccv's
 // order (ForwardBuffer or BackwardBuffer) moves to the slice's first element.
 struct Launch {

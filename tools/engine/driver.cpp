@@ -363,8 +363,7 @@ int run(const Options& o) {
   Tensor summaries[3] = {};
   const char* names[3] = {"mask_tiles_forward", "mask_tiles_backward_query", "mask_tiles_backward_key_value"};
   for (int pass = 0; mask && pass < (o.grad ? 2 : 1); ++pass) {
-    whole[pass] = mfa_sdpa::make_params(s, o.dtype, float(o.scale), pass == 1, o.causal, mask);
-    mfa_sdpa::set_dropout(whole[pass], dropout);
+    whole[pass] = mfa_sdpa::whole_params(s, o.dtype, float(o.scale), pass == 1, o.causal, mask, dropout);
     ccv_nnc_mfa_attention_mask_tiles_layout(context, whole[pass], layouts[pass].blocks, layouts[pass].entry_bytes);
     const std::vector<std::uint64_t> bytes = layouts[pass].pass_bytes(s, *mask, pass == 1);
     for (std::size_t kernel = 0; kernel < bytes.size(); ++kernel)

@@ -79,7 +79,7 @@ class Call:
         return args + (["--causal"] if self.causal else [])
 
     def dropout_parameters(self) -> tuple:
-        """(threshold, scale, seed) as the bridge hands them to ccv (MFAKernel._dropout)."""
+        """(threshold, scale, seed) as MFAKernel hands them to ccv (mfa.dropout_parameters)."""
         import metal_flash_sdpa  # noqa: F401  (before the submodule: see README)
         from metal_flash_sdpa.kernels.mfa import dropout_parameters
 

@@ -112,8 +112,8 @@ class Execution:
     dk, dv [B, C, H, D], lse [B, H, R] float32 (base 2); mma: 8x8 multiply-accumulates
     executed per kernel name; float_exceptions: kernel name -> the float exceptions its
     threads raised (metal.FLOAT_EXCEPTIONS: an operation that made a NaN or an infinity),
-    for the kernels that raised any; copies: kernel name -> the copy counts of its threads
-    (metal.COPY_STATS summed over its dispatches), which copies() turns into figures."""
+    for the kernels that raised any; copy_stats: kernel name -> the copy counts of its
+    threads (metal.COPY_STATS summed over its dispatches), which copies() turns into figures."""
 
     outputs: dict
     mma: dict
