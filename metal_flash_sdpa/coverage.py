@@ -26,7 +26,9 @@ def _plain(dtype, head_dim=64, length=1024):
 def representative_calls():
     """(label, Call without grad) for every row, in order."""
     rows = [(f"{str(d).replace('torch.', '')}, no mask", _plain(d)) for d in (torch.float32, torch.float16, torch.bfloat16)]
-    rows += [(f"float16, head dim {d}", _plain(torch.float16, d)) for d in (32, 128, 256, 384, 100, 512)]
+    rows += [(f"float16, head dim {d}", _plain(torch.float16, d)) for d in (32, 128, 256, 384, 100, 512, 520)]
+    mla = _plain(torch.float16, 192)._replace(value_dim=128, kv_heads=2, causal=True)
+    rows.append(("float16, MLA: head dim 192, value head dim 128, GQA, causal", mla))
     # long context: sliced so that ccv's scratch stays bounded (patch 0011)
     huge = Call(torch.bfloat16, 1, 32, 8, 131072, 131072, 128, 128, True, None, False, False)
     rows.append(("bfloat16, 1 x 32 heads (8 KV) x 131072 tokens, head dim 128, causal", huge))

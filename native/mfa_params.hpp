@@ -59,8 +59,9 @@ constexpr std::int64_t kMaxLeadingDimension = 0xFFFF;
 // 2^32 elements are safe. Elements, not bytes: the pointer arithmetic scales in 64 bits,
 // and the scratch's byte offsets are ccv's size_t (and under kMaxScratchBytes).
 constexpr std::int64_t kMaxElements = 0xFFFFFFFFll;
-// The end of ccv's parameter tables (v2/AttentionDescriptor.cpp).
-constexpr std::int64_t kMaxHeadDim = 384;
+// The end of the parameter tables (v2/AttentionDescriptor.cpp: ccv's end at 384, our patch
+// 0016's rows at 512).
+constexpr std::int64_t kMaxHeadDim = 512;
 
 // An attention mask (our patch 0008): element (b, h, i, j) at b * batch + h * head +
 // i * row + j; a stride is 0 where the mask broadcasts. Additive in q's dtype, or torch's

@@ -58,6 +58,9 @@ def test_table_rows():
         "float16, head dim 128",
         "float16, head dim 256",
         "float16, head dim 384",
+        "float16, head dim 512",  # patch 0016
+        "float16, MLA: head dim 192, value head dim 128, GQA, causal",  # padded: kernels/value_dim.py
+        "float16, value dim != head dim",
         "bfloat16, 1 x 32 heads (8 KV) x 131072 tokens, head dim 128, causal",
         "float16, no mask, long sequence",
         "float16, 3-D input [H, L, D]",

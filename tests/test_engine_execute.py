@@ -67,7 +67,7 @@ class Case:
 
 # The largest head dim of each row of each family's tables (forward, backward-query and
 # backward-key-value rows merged): every code path the generator chooses between.
-ROW_DIMS = {"apple9": (8, 16, 32, 48, 64, 128, 160, 192, 384), "apple7": (16, 24, 32, 56, 384)}
+ROW_DIMS = {"apple9": (8, 16, 32, 48, 64, 128, 160, 192, 384, 512), "apple7": (16, 24, 32, 56, 384, 512)}
 
 # Per case: the table rows it reaches (forward / backward-query / backward-key-value, by the
 # largest head dim of the row) and the remainders its lengths leave. Apple9's blocks are 16

@@ -32,15 +32,15 @@ CLI = REPO / "tools" / "mfa_engine.py"
 FULL = os.environ.get("MFA_ENGINE_FULL") == "1"
 
 # Largest head dim of each row of ccv's parameter tables (v2/AttentionDescriptor.cpp:
-# forward, backwardQuery, backwardKeyValue). The bridge sets upcast, so the *Mixed tables
+# forward, backwardQuery, backwardKeyValue; the 512 rows are our patch 0016's). The bridge sets upcast, so the *Mixed tables
 # (low-precision intermediates) are never used.
 TABLE_ROWS = {
-    ("apple9", "forward"): (8, 16, 48, 192, 384),
-    ("apple7", "forward"): (24, 32, 56, 384),
-    ("apple9", "backwardQuery"): (16, 32, 192, 384),
-    ("apple7", "backwardQuery"): (16, 32, 56, 384),
-    ("apple9", "backwardKeyValue"): (16, 32, 64, 128, 160, 384),
-    ("apple7", "backwardKeyValue"): (16, 24, 56, 384),
+    ("apple9", "forward"): (8, 16, 48, 192, 384, 512),
+    ("apple7", "forward"): (24, 32, 56, 384, 512),
+    ("apple9", "backwardQuery"): (16, 32, 192, 384, 512),
+    ("apple7", "backwardQuery"): (16, 32, 56, 384, 512),
+    ("apple9", "backwardKeyValue"): (16, 32, 64, 128, 160, 384, 512),
+    ("apple7", "backwardKeyValue"): (16, 24, 56, 384, 512),
 }
 
 
@@ -60,7 +60,7 @@ def head_dims() -> list:
 
 HEAD_DIMS = head_dims()
 # The syntax check's covering subset: both ends of the tables and two remainders.
-SYNTAX_HEAD_DIMS = HEAD_DIMS if FULL else [8, 40, 152, 384]
+SYNTAX_HEAD_DIMS = HEAD_DIMS if FULL else [8, 40, 152, 504]
 CLASSES = [(dtype, gpu, macos) for dtype in ("fp32", "fp16") for gpu in ("apple7", "apple9") for macos in (15, 26)]
 ATTENTION = ["attention_forward", "attention_backward_query", "attention_backward_key_value"]
 
@@ -111,7 +111,7 @@ def test_head_dims_reach_every_row_of_every_table():
         for high in rows:
             assert any(low < d <= high for d in HEAD_DIMS), f"no head dim in ({low}, {high}] of {gpu} {kernel}"
             low = high
-    assert max(HEAD_DIMS) == 384 and all(d % 8 == 0 for d in HEAD_DIMS)
+    assert max(HEAD_DIMS) == 512 and all(d % 8 == 0 for d in HEAD_DIMS)
     assert any(d % 16 for d in HEAD_DIMS)  # a remainder after the head blocks
 
 

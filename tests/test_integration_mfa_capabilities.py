@@ -90,9 +90,11 @@ class MFACapabilityKernel(ReferenceKernel, MFAKernel):
         self.forwards += 1
         return ReferenceKernel.forward(self, q, k, v, scale, causal, mask, dropout=dropout)
 
-    def backward(self, grad_out, q, k, v, out, lse, scale, causal, mask, dropout=None):
+    def backward(self, grad_out, q, k, v, out, lse, scale, causal, mask, dropout=None, mask_grad=False):
         self.backwards += 1
-        return ReferenceKernel.backward(self, grad_out, q, k, v, out, lse, scale, causal, mask, dropout=dropout)
+        return ReferenceKernel.backward(
+            self, grad_out, q, k, v, out, lse, scale, causal, mask, dropout=dropout, mask_grad=mask_grad
+        )
 
 
 

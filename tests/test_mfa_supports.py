@@ -52,6 +52,9 @@ ACCEPTED = {
     "head dim 8": call(head_dim=8, value_dim=8),
     "head dim 128": call(head_dim=128, value_dim=128, needs_grad=True),
     "head dim 384": call(head_dim=384, value_dim=384),
+    "head dim 512 (patch 0016)": call(head_dim=512, value_dim=512, needs_grad=True),
+    "MLA 192 / 128": call(head_dim=192, value_dim=128, needs_grad=True, kv_heads=2, causal=True),
+    "value dim wider, 64 / 128": call(head_dim=64, value_dim=128, mask="additive"),
     "batch 1, one head": call(batch=1, q_heads=1, kv_heads=1),
     "short": call(q_len=1, kv_len=1),
     "bf16": call(dtype=torch.bfloat16, needs_grad=True),
@@ -81,9 +84,11 @@ ACCEPTED = {
 
 REFUSED = {
     "fp64": (call(dtype=torch.float64), "dtype float64"),
-    "head dim 512": (call(head_dim=512, value_dim=512), "head dim 512"),
+    "head dim 520": (call(head_dim=520, value_dim=520), "head dim 520"),
+    "value dim 520": (call(value_dim=520), "head dim 520"),
     "head dim 72+1": (call(head_dim=73, value_dim=73), "head dim 73"),
-    "value dim differs": (call(value_dim=128), "value head dim"),
+    # the leading dimension counts the wider head dim: the kernels run there (value_dim.py)
+    "value dim widens past 16-bit": (call(q_heads=136, kv_heads=136, head_dim=64, value_dim=512), "16-bit leading dimension"),
     "mask with causal": (call(mask="bool", causal=True), "is_causal with attn_mask"),
     "empty query": (call(q_len=0), "empty"),
     "empty keys": (call(kv_len=0), "empty"),
@@ -196,10 +201,10 @@ def test_capabilities_are_data():
     kernel = MFAKernel()
     assert kernel.layout == "BSHD"
     assert kernel.dtypes == {torch.float32, torch.float16, torch.bfloat16}
-    assert kernel.max_head_dim == 384 and kernel.head_dim_multiple == 8
+    assert kernel.max_head_dim == 512 and kernel.head_dim_multiple == 8
     assert kernel.causal_forward == "any" and kernel.causal_backward == "any"
     assert kernel.mask_forward and kernel.mask_backward and kernel.mask_per_head
-    assert kernel.supports_gqa and not kernel.supports_value_dim_differs
+    assert kernel.supports_gqa and kernel.supports_value_dim_differs
     assert set(kernel.tolerances) == set(kernel.dtypes)
     for atol, rtol in kernel.tolerances.values():
         assert 0 < atol < 1 and 0 < rtol < 1

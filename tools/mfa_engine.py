@@ -81,6 +81,7 @@ def call_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--q-len", type=int, required=True)
     parser.add_argument("--kv-len", type=int, required=True)
     parser.add_argument("--head-dim", type=int, required=True)
+    parser.add_argument("--value-dim", type=int, default=None, help="V's head dim (default: --head-dim); the narrower is padded")
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--mask", choices=("none", "bool", "additive"), default="none")
     parser.add_argument("--mask-shape", choices=encode.MASK_SHAPES, default="B1LS")

@@ -6,8 +6,10 @@ executor (``tools/engine``; ``verified_rung``):
 
 - float32, float16 and bfloat16 (bfloat16: patch 0005; half outputs go through fp32 scratch
   and one rounding cast, intermediates and LSE in float32);
-- head dims up to 384 (the end of its parameter tables), multiples of 8, the same for
-  query/key and value;
+- head dims up to 512, multiples of 8 (ccv's parameter tables end at 384; patch 0016's rows
+  take them to 512); a value head dim that differs from the query's (MLA's 192 / 128) runs
+  with the narrower side padded with zeros to the wider (``value_dim``), which all limits
+  count;
 - grouped-query attention with query heads a multiple of key/value heads, MQA included
   (patch 0006: K/V are read per group, never expanded; dK/dV summed inside the kernel);
 - ``is_causal`` (PyTorch's top-left alignment, any query and key lengths), forward and
@@ -52,6 +54,7 @@ import torch
 
 from .. import dropout as _dropout
 from .base import Call, Kernel
+from . import value_dim as _value_dim
 from .mask_tiles import MaskTiles
 
 NATIVE_MODULE = "metal_flash_sdpa._mfa_native"
@@ -91,12 +94,18 @@ def scratch_bytes(call: Call) -> int:
     """Bytes of ccv's shared scratch buffer the call would need unsliced (forward, or
     backward if ``call.needs_grad``): fp32 copies of 16-bit outputs before their cast, and
     the backward's fp32 D term (as ``scratch_bytes`` in native/mfa_params.hpp)."""
-    cast = call.dtype != torch.float32
+    cast, dim = call.dtype != torch.float32, kernel_head_dim(call)
     q_rows, kv_rows = call.batch * call.q_heads * call.q_len, call.batch * call.kv_heads * call.kv_len
-    forward = 4 * q_rows * call.head_dim if cast else 0
+    forward = 4 * q_rows * dim if cast else 0
     if not call.needs_grad:
         return forward
-    return max(forward, (4 * (q_rows + 2 * kv_rows) * call.head_dim if cast else 0) + 4 * q_rows)
+    return max(forward, (4 * (q_rows + 2 * kv_rows) * dim if cast else 0) + 4 * q_rows)
+
+
+def kernel_head_dim(call: Call) -> int:
+    """The head dim the kernels run ``call`` at: the wider of its query and value head dims
+    (the narrower side is padded with zeros: ``value_dim``)."""
+    return max(call.head_dim, call.value_dim)
 
 
 def smallest_slice_scratch(call: Call) -> int:
@@ -122,9 +131,9 @@ class MFAKernel(Kernel):
     # x.view(B, S, H, D).transpose(1, 2) reaches the kernel without a copy.
     layout = "BSHD"
     dtypes = frozenset({torch.float32, torch.float16, torch.bfloat16})
-    max_head_dim = 384
+    max_head_dim = 512  # patch 0016; tests/test_engine_head_dims.py
     head_dim_multiple = 8
-    supports_value_dim_differs = False
+    supports_value_dim_differs = True  # padded to one head dim (value_dim.py); tests/test_engine_head_dims.py
     supports_gqa = True
     causal_forward = "any"  # patch 0007, top-left as is_causal; tests/test_engine_causal.py
     causal_backward = "any"
@@ -205,10 +214,10 @@ class MFAKernel(Kernel):
         scale = call.softmax_scale
         if not MIN_SCALE <= scale <= MAX_SCALE:  # False for NaN
             return f"scale {scale!r} outside the scales {self.name} serves (2**-32 to 2**32; <= 0 and non-finite never)"
-        leading = max(call.q_heads, call.kv_heads) * call.head_dim
+        leading = max(call.q_heads, call.kv_heads) * kernel_head_dim(call)
         if leading > MAX_LEADING_DIMENSION:
             return f"heads x head dim {leading} beyond the 16-bit leading dimension of {self.name}"
-        elements = call.batch * max(call.q_len * call.q_heads, call.kv_len * call.kv_heads) * call.head_dim
+        elements = call.batch * max(call.q_len * call.q_heads, call.kv_len * call.kv_heads) * kernel_head_dim(call)
         if elements > MAX_ELEMENTS:
             return f"a tensor of {elements} elements beyond the 32-bit offsets of {self.name}"
         if call.mask is not None and call.causal:  # PyTorch raises; the kernels apply one or the other
@@ -234,6 +243,16 @@ class MFAKernel(Kernel):
         self.mask_tiles = MaskTiles()
 
     def forward(self, q, k, v, scale: float, causal: bool, mask, dropout=None):
+        if q.shape[-1] != v.shape[-1]:
+            return _value_dim.forward(self._forward, self.layout, q, k, v, scale, causal, mask, dropout)
+        return self._forward(q, k, v, scale, causal, mask, dropout)
+
+    def backward(self, grad_out, q, k, v, out, lse, scale: float, causal: bool, mask, dropout=None):
+        if q.shape[-1] != v.shape[-1]:
+            return _value_dim.backward(self._backward, self.layout, grad_out, q, k, v, out, lse, scale, causal, mask, dropout)
+        return self._backward(grad_out, q, k, v, out, lse, scale, causal, mask, dropout)
+
+    def _forward(self, q, k, v, scale, causal, mask, dropout):
         native = _require_native()
         batch, heads, q_len, _ = q.shape
         # logical [B, H, S, D] views of [B, S, H, D] memory (the op layer's contract)
@@ -243,7 +262,7 @@ class MFAKernel(Kernel):
         self._masked(native.attention_forward, (q, k, v, out, lse), scale, causal, mask, False, dropout)
         return out.transpose(1, 2), lse
 
-    def backward(self, grad_out, q, k, v, out, lse, scale: float, causal: bool, mask, dropout=None):
+    def _backward(self, grad_out, q, k, v, out, lse, scale, causal, mask, dropout):
         native = _require_native()
         dq, dk, dv = (_empty_bshd(t) for t in (q, k, v))
         q, k, v, grad_out = (aligned(t.transpose(1, 2)) for t in (q, k, v, grad_out))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import subprocess
 from typing import Optional
@@ -35,6 +36,7 @@ class Call:
     q_len: int = 1
     kv_len: int = 1
     head_dim: int = 64
+    value_dim: Optional[int] = None  # V's head dim; None: head_dim (MFAKernel pads the narrower: value_dim.py)
     causal: bool = False
     mask: str = "none"  # none, bool, additive
     mask_shape: str = "B1LS"  # one of MASK_SHAPES, with a mask
@@ -58,14 +60,24 @@ class Call:
     def hk(self) -> int:
         return self.heads if self.kv_heads is None else self.kv_heads
 
+    @property
+    def dv(self) -> int:
+        return self.head_dim if self.value_dim is None else self.value_dim
+
+    @property
+    def kernel_head_dim(self) -> int:
+        """The head dim the kernels run at: the wider of head_dim and dv (the narrower side is
+        padded with zeros, as MFAKernel does: metal_flash_sdpa/kernels/value_dim.py)."""
+        return max(self.head_dim, self.dv)
+
     def driver_args(self) -> list[str]:
         args = ["--dtype", self.dtype, "--batch", str(self.batch), "--heads", str(self.heads)]
         args += ["--kv-heads", str(self.hk), "--q-len", str(self.q_len), "--kv-len", str(self.kv_len)]
-        args += ["--head-dim", str(self.head_dim), "--gpu", self.gpu, "--macos", str(self.macos)]
+        args += ["--head-dim", str(self.kernel_head_dim), "--gpu", self.gpu, "--macos", str(self.macos)]
         if self.os_reports is not None:
             args += ["--os-reports", self.os_reports]
-        if self.scale is not None:
-            args += ["--scale", repr(float(self.scale))]
+        if self.scale is not None or self.dv != self.head_dim:  # the driver's default is of --head-dim
+            args += ["--scale", repr(self.scale if self.scale is not None else 1.0 / math.sqrt(self.head_dim))]
         if self.scratch_budget is not None:
             args += ["--scratch-budget", str(self.scratch_budget)]
         if self.mask != "none":
@@ -128,7 +140,7 @@ def refusal(call: Call) -> Optional[str]:
         q_len=call.q_len,
         kv_len=call.kv_len,
         head_dim=call.head_dim,
-        value_dim=call.head_dim,
+        value_dim=call.dv,
         causal=call.causal,
         mask=None if call.mask == "none" else call.mask,
         mask_per_head=call.mask != "none" and call.mask_dims()[1] > 1,
