@@ -211,6 +211,7 @@ def describe(q, k, v, dtype, mask, causal, needs_grad, scale=None, dropout_p=0.0
         scale,
         float(dropout_p),
         needs_grad and mask is not None and mask.requires_grad,
+        mask is not None and (mask.dim() < 2 or mask.shape[-2] != q[-2] or mask.shape[-1] != k[-2]),
     )
 
 
@@ -221,7 +222,7 @@ def configuration(kernel_name: str, device_type: str, call: Call) -> tuple:
     run the same kernel (and the op layer, seeing only the converted mask, finds the same key).
     The scale counts resolved (a kernel may compile it in, as MFA does). ``needs_grad``
     comes last (a forward failure blocks both values)."""
-    dtype, _, q_heads, kv_heads, _, _, head_dim, value_dim, causal, mask, per_head, needs_grad, _, dropout_p, _ = call
+    dtype, _, q_heads, kv_heads, _, _, head_dim, value_dim, causal, mask, per_head, needs_grad, _, dropout_p, *_ = call
     masked, dropout, scale = mask is not None, dropout_p > 0, call.softmax_scale
     return (
         kernel_name, device_type, dtype, head_dim, value_dim, q_heads, kv_heads, scale, causal, masked, per_head,

@@ -134,9 +134,10 @@ uint64_t max_buffer_length() {
 // kMaxPipelineShapes new shapes. Counted per call shape (forward and backward apart; a
 // sliced call makes pipelines for at most two slice shapes: mfa_params.hpp, runs).
 constexpr size_t kMaxPipelineShapes = 64;
-// B R C Hq Hk D dtype backward scale causal, the mask's strides (-1: no mask) and kind, dropout
+// B R C Hq Hk D dtype backward scale causal, the mask's strides (-1: no mask), kind and
+// gradient, dropout
 using PipelineShape = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, bool, float, bool, int64_t,
-                                 int64_t, int64_t, bool, bool>;
+                                 int64_t, int64_t, bool, bool, bool>;
 std::set<PipelineShape> g_pipeline_shapes;
 
 // Evicts ccv's pipelines when `shape` would be one too many. Waits for the stream first, so
@@ -218,7 +219,7 @@ void encode(const mfa_sdpa::Shape& s, mfa_sdpa::DType dtype, float scale, bool b
   const mfa_sdpa::MaskStrides& m = mask ? *mask : no_mask;
   admit_pipeline_shape(context, stream,
                        {s.B, s.R, s.C, s.Hq, s.Hk, s.D, int(dtype), backward, scale, causal, m.batch, m.head, m.row,
-                        m.is_bool, dropout.has_value()});
+                        m.is_bool, m.grad, dropout.has_value()});
   // Held from before prepare, which grows the scratch (as the engine's driver does).
   const mfa_sdpa::ScratchKeeper scratch(context);
   // The whole call's params: the summaries are of the whole mask, whatever the slices.
@@ -360,9 +361,10 @@ std::vector<int64_t> check_mask_tiles(const std::vector<at::Tensor>& tiles, cons
 // backward-query's and backward-key-value's; builds the call's kernels.
 std::vector<int64_t> mask_tiles_bytes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                                       bool causal, const at::Tensor& mask, bool backward,
-                                      const std::optional<DropoutArgument>& dropout) {
+                                      const std::optional<DropoutArgument>& dropout, bool mask_grad) {
   std::optional<mfa_sdpa::MaskStrides> strides;
   const mfa_sdpa::Shape s = check_qkv(q, k, v, backward, mask, strides);
+  strides->grad = mask_grad && backward;  // the kernels the call runs
   const mfa_sdpa::DType dtype = dtype_of(q.scalar_type());
   const std::optional<mfa_sdpa::Dropout> drop = dropout_of(dropout);
   std::lock_guard<std::mutex> lock(g_mutex);
@@ -380,6 +382,8 @@ std::vector<int64_t> mask_tiles_bytes(const at::Tensor& q, const at::Tensor& k, 
 // the caller had written from this mask unchanged.
 // dropout: (threshold, scale, seed) as metal_flash_sdpa.kernels.mfa.dropout_parameters
 // computes them (patch 0015), or None.
+// mask_grad (the backward's, with an additive mask): the mask's gradient, added into
+// (patch 0017): zeroed by the caller, of the mask's dtype and strides (a broadcast view).
 void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const at::Tensor& out, const at::Tensor& lse, double scale, bool causal,
                        const std::optional<at::Tensor>& mask, const std::vector<at::Tensor>& mask_tiles,
@@ -412,9 +416,17 @@ void attention_backward(const at::Tensor& q, const at::Tensor& k, const at::Tens
                         const at::Tensor& out, const at::Tensor& lse, const at::Tensor& grad_out,
                         const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, double scale,
                         bool causal, const std::optional<at::Tensor>& mask, const std::vector<at::Tensor>& mask_tiles,
-                        bool summarize, const std::optional<DropoutArgument>& dropout) {
+                        bool summarize, const std::optional<DropoutArgument>& dropout,
+                        const std::optional<at::Tensor>& mask_grad) {
   std::optional<mfa_sdpa::MaskStrides> strides;
   const mfa_sdpa::Shape s = check_qkv(q, k, v, true, mask, strides);
+  if (mask_grad) {
+    TORCH_CHECK(mask && !strides->is_bool, "metal_flash_sdpa: a mask gradient needs an additive mask");
+    check_tensor(*mask_grad, "mask_grad", q, q.scalar_type());
+    TORCH_CHECK(mask_grad->sizes() == mask->sizes() && mask_grad->strides() == mask->strides() && strides->row != 0,
+                "metal_flash_sdpa: mask_grad must have the mask's shape and strides, a row per query");
+    strides->grad = true;
+  }
   const std::vector<int64_t> summary_bytes = check_mask_tiles(mask_tiles, mask, q, true);
   const auto dtype = q.scalar_type();
   check_tensor(out, "out", q, dtype);
@@ -445,6 +457,7 @@ void attention_backward(const at::Tensor& q, const at::Tensor& k, const at::Tens
     bindings.bind(mfa_sdpa::kBwdMaskTilesQ, mask_tiles[0]);
     bindings.bind(mfa_sdpa::kBwdMaskTilesKV, mask_tiles[1]);
   }
+  if (mask_grad) bindings.bind(mfa_sdpa::kBwdMaskGrad, *mask_grad);
   encode(s, dtype_of(dtype), float(scale), true, causal, strides, bindings, summarize, summary_bytes, dropout_of(dropout));
 }
 
@@ -496,16 +509,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dropout") = py::none(),
         py::call_guard<py::gil_scoped_release>());
   m.def("attention_backward", &attention_backward,
-        "Writes dq, dk, dv from the forward's out and lse.",
+        "Writes dq, dk, dv from the forward's out and lse; adds the mask's gradient into mask_grad if given.",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("grad_out"),
         py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("scale"), py::arg("causal"),
         py::arg("mask") = py::none(), py::arg("mask_tiles") = std::vector<at::Tensor>(), py::arg("summarize") = true,
-        py::arg("dropout") = py::none(),
+        py::arg("dropout") = py::none(), py::arg("mask_grad") = py::none(),
         py::call_guard<py::gil_scoped_release>());
   m.def("mask_tiles_bytes", &mask_tiles_bytes,
         "The bytes of a masked call's tile summaries: [forward] or [backward-query, backward-key-value].",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("causal"), py::arg("mask"),
-        py::arg("backward"), py::arg("dropout") = py::none(), py::call_guard<py::gil_scoped_release>());
+        py::arg("backward"), py::arg("dropout") = py::none(), py::arg("mask_grad") = false,
+        py::call_guard<py::gil_scoped_release>());
   m.def("device_supported", &device_supported, py::call_guard<py::gil_scoped_release>());
   m.def("device_info", &device_info,
         "{gpu, macos_version (NSProcessInfo's), macos_build, async_copies (the probe's decision), metal_language}");

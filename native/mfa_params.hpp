@@ -27,11 +27,12 @@ struct Shape {
 
 // Buffer order of ccv_nnc_mfa_encode_attention (ccv_nnc_mfa_attention.cpp).
 // The attention mask: the forward's own slot; after dV in the backward (our patch 0008);
-// its tile summaries after it: the forward's, the backward-query's and -key-value's (0013).
+// its tile summaries after it: the forward's, the backward-query's and -key-value's (0013);
+// the mask's gradient last (0017).
 enum ForwardBuffer { kFwdQ, kFwdK, kFwdV, kFwdO, kFwdMask, kFwdLSE, kFwdMaskTiles, kForwardBuffers };
 enum BackwardBuffer {
   kBwdQ, kBwdK, kBwdV, kBwdO, kBwdLSE, kBwdDO, kBwdDQ, kBwdDK, kBwdDV, kBwdMask, kBwdMaskTilesQ, kBwdMaskTilesKV,
-  kBackwardBuffers
+  kBwdMaskGrad, kBackwardBuffers
 };
 
 // The most scratch one slice of a call uses when the call is split (plan_slices): ccv's
@@ -66,10 +67,13 @@ constexpr std::int64_t kMaxHeadDim = 512;
 // An attention mask (our patch 0008): element (b, h, i, j) at b * batch + h * head +
 // i * row + j; a stride is 0 where the mask broadcasts. Additive in q's dtype, or torch's
 // bool read as it is, a byte an element (is_bool, our patch 0012). The kernels of a masked
-// call read the mask's tile summaries (patch 0013).
+// call read the mask's tile summaries (patch 0013). grad: the backward adds the additive
+// mask's gradient into a zeroed tensor of the mask's type laid out with the mask's strides
+// (patch 0017).
 struct MaskStrides {
   std::int64_t batch, head, row;
   bool is_bool = false;
+  bool grad = false;
 };
 
 // The tile summary of each kernel of a pass (forward; backward-query, backward-key-value)
@@ -174,16 +178,22 @@ inline std::vector<std::pair<std::int64_t, std::int64_t>> runs(std::int64_t tota
 // batch by batch, runs of heads, down to one KV group (the backward sums dK and dV over
 // the group inside the kernel) or, in the forward, one query head. A smallest slice may
 // need more than the budget: the limit then is the device's largest buffer (check_scratch).
-inline std::vector<Slice> plan_slices(const Shape& s, DType dtype, bool backward, std::uint64_t budget = kScratchBudget) {
+// A backward that adds a mask's gradient (patch 0017) runs one slice per batch where the
+// mask is shared by the batches, and one per KV group where it is shared by the heads:
+// within a dispatch no two threadgroups then add to one element of the gradient.
+inline std::vector<Slice> plan_slices(const Shape& s, DType dtype, bool backward, std::uint64_t budget = kScratchBudget,
+                                      const MaskStrides* mask = nullptr) {
   std::vector<Slice> out;
+  const bool grad = backward && mask && mask->grad;
+  const bool shared_by_batches = grad && mask->batch == 0, shared_by_heads = grad && mask->head == 0 && s.Hk > 1;
   auto fit = [&](std::uint64_t unit) { return std::int64_t(unit == 0 ? INT64_MAX : std::max<std::uint64_t>(1, budget / unit)); };
   const std::uint64_t per_batch = scratch_bytes({1, s.R, s.C, s.Hq, s.Hk, s.D}, dtype, backward);
-  if (per_batch <= budget) {
-    for (auto [b0, nb] : runs(s.B, std::min(s.B, fit(per_batch)))) out.push_back({b0, nb, 0, s.Hq, 0, s.Hk});
+  if (per_batch <= budget && !shared_by_heads) {
+    for (auto [b0, nb] : runs(s.B, shared_by_batches ? 1 : std::min(s.B, fit(per_batch)))) out.push_back({b0, nb, 0, s.Hq, 0, s.Hk});
     return out;
   }
   const std::int64_t group = s.Hq / s.Hk;
-  const std::int64_t groups = fit(scratch_bytes({1, s.R, s.C, group, 1, s.D}, dtype, backward));
+  const std::int64_t groups = shared_by_heads ? 1 : fit(scratch_bytes({1, s.R, s.C, group, 1, s.D}, dtype, backward));
   const std::int64_t heads = fit(scratch_bytes({1, s.R, s.C, 1, 1, s.D}, dtype, backward));
   for (std::int64_t b = 0; b < s.B; ++b) {
     if (backward || heads >= group) {
@@ -246,6 +256,7 @@ inline ccv_nnc_mfa_attention_params_t make_params(const Shape& s, DType dtype, f
     p.mask_strides[2] = std::uint32_t(mask->row);
     p.mask_bool = mask->is_bool ? 1 : 0;
     p.mask_tiles = 1;
+    p.mask_grad = backward && mask->grad && !mask->is_bool ? 1 : 0;
   }
   // batch_dims_q is zero-terminated; one entry of B is the whole batch.
   p.batched = s.B > 1 ? 1 : 0;
@@ -302,7 +313,7 @@ inline std::vector<Launch> launches(const Shape& s, DType dtype, float scale, bo
   const std::uint64_t es = is_half(dtype) ? 2 : 4;  // q's dtype, and an additive mask's
   const std::uint64_t mask_es = mask && mask->is_bool ? 1 : es;
   std::vector<Launch> out;
-  for (const Slice& p : plan_slices(s, dtype, backward, budget)) {
+  for (const Slice& p : plan_slices(s, dtype, backward, budget, mask)) {
     Launch launch{make_params(slice_shape(s, p), dtype, scale, backward, causal, mask, {s.Hq, s.Hk}), {}};
     set_dropout(launch.params, dropout, p.b0, p.q0);
     // [B, R, Hq, D] and [B, C, Hk, D] tensors, LSE [B, Hq, R] in fp32
@@ -322,7 +333,7 @@ inline std::vector<Launch> launches(const Shape& s, DType dtype, float scale, bo
       o[kBwdQ] = o[kBwdO] = o[kBwdDO] = o[kBwdDQ] = q;
       o[kBwdK] = o[kBwdV] = o[kBwdDK] = o[kBwdDV] = kv;
       o[kBwdLSE] = lse;
-      o[kBwdMask] = m;
+      o[kBwdMask] = o[kBwdMaskGrad] = m;  // the gradient has the mask's strides and type
       o[kBwdMaskTilesQ] = summary(0);
       o[kBwdMaskTilesKV] = summary(1);
     } else {

@@ -73,7 +73,7 @@ class RecordingBridge:
         self.dropouts = []
         self.sized = []
 
-    def mask_tiles_bytes(self, q, k, v, scale, causal, mask, backward, dropout=None):
+    def mask_tiles_bytes(self, q, k, v, scale, causal, mask, backward, dropout=None, mask_grad=False):
         self.sized.append(dropout)
         return [mask.shape[-2] + 8] * (2 if backward else 1)
 
@@ -82,9 +82,12 @@ class RecordingBridge:
         self.tensors.append((q, k, v, out, lse))
         self.dropouts.append(dropout)
 
-    def attention_backward(self, q, k, v, out, lse, grad_out, dq, dk, dv, scale, causal, mask=None, tiles=(), summarize=True, dropout=None):
+    def attention_backward(
+        self, q, k, v, out, lse, grad_out, dq, dk, dv, scale, causal, mask=None, tiles=(), summarize=True, dropout=None,
+        mask_grad=None,
+    ):
         self.calls.append(("backward", mask is not None and summarize, [id(t) for t in tiles]))
-        self.tensors.append((q, k, v, out, lse, grad_out, dq, dk, dv))
+        self.tensors.append((q, k, v, out, lse, grad_out, dq, dk, dv) + ((mask, mask_grad) if mask_grad is not None else ()))
         self.dropouts.append(dropout)
 
 

@@ -78,7 +78,7 @@ def test_table_rows():
     }
     assert rows["bfloat16, 1 x 32 heads (8 KV) x 131072 tokens, head dim 128, causal"][3] == "yes"  # sliced
     learned = rows["float16, learned additive bias [1, H, L, S] (requires grad)"]
-    assert learned[3] == "no: attn_mask gradient not supported by mfa"
+    assert learned[2:4] == ["yes", "yes"]  # patch 0017
     for dropout in ("float16, attention dropout 0.1", "float16, causal, attention dropout 0.1"):
         assert rows[dropout][2:4] == ["yes", "yes"]  # patch 0015, forward and backward
     # the rung column names how far the kernels of a served row were verified, and only there

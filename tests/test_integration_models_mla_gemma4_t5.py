@@ -6,9 +6,10 @@ one head of 512 channels), a value head dim other than the query/key head dim (m
 latent attention: 192 and 128, unpadded), and the gradient of an additive mask (T5's
 relative position bias, learned through the mask SDPA is given). ``MFACapabilityKernel``
 computes like the reference kernel and answers ``supports()`` as ``MFAKernel`` does, with
-MFA's declarations read at run time (test_integration_mfa_capabilities.py): every call at or
-above MIN_SEQ_LEN must dispatch, and each step must match the same step inside
-``disabled()`` by ``check``'s rule (``assert_same_step``'s, there).
+MFA's declarations read at run time (test_integration_mfa_capabilities.py). MIN_SEQ_LEN is
+set to the shortest query length of each step, so every call is at or above it and must
+dispatch; each step must match the same step inside ``disabled()`` by ``check``'s rule
+(``assert_same_step``'s, there).
 """
 
 import copy
@@ -20,7 +21,8 @@ import metal_flash_sdpa
 from metal_flash_sdpa import config
 from metal_flash_sdpa.check import compare
 from metal_flash_sdpa.kernels.mfa import MFAKernel
-from test_integration_mfa_capabilities import LAYERS, LENGTH, account_for_calls, batch, kernel, training_step
+from test_integration_mfa_capabilities import LAYERS, LENGTH, account_for_calls, batch, training_step
+from test_integration_mfa_capabilities import kernel  # noqa: F401 (the fixture)
 
 PADDING = {"unpadded": False, "left+right-padded": True}
 
@@ -106,7 +108,8 @@ def test_gemma4_local_and_global_layers_step(kernel, transformers, monkeypatch, 
         assert call.head_dim == call.value_dim == head_dim and call.needs_grad and call.scale == 1.0
     assert (local.mask, local.mask_per_head, local.causal) == ("bool", False, False)
     assert (full.mask, full.causal) == (("bool", False) if padded else (None, True))
-    assert_same_step_as(ours, theirs, gold, dtype, {"q_proj.weight": LAYERS, "k_proj.weight": LAYERS, "v_proj.weight": LAYERS})
+    attention = {"q_proj.weight": LAYERS, "k_proj.weight": LAYERS, "v_proj.weight": LAYERS}
+    assert_same_step_as(ours, theirs, gold, dtype, attention)
 
 
 # ---------------------------------------------------------------- DeepSeek-V3: value head dim 128
@@ -148,7 +151,8 @@ def test_deepseek_v3_mla_step(kernel, transformers, padding):
         assert (call.head_dim, call.value_dim, call.needs_grad) == (192, 128, True)
         assert call.softmax_scale == pytest.approx(192**-0.5)
         assert (call.mask, call.causal) == (("bool", False) if padded else (None, True))
-    # q_b_proj: the queries; kv_b_proj: keys (but the rope part) and values, from the latent
+    # q_b_proj: the queries; kv_a_proj_with_mqa: the latent and the keys' shared rope part;
+    # kv_b_proj: the rest of the keys and the values, from the latent
     attention = {"q_b_proj.weight": LAYERS, "kv_a_proj_with_mqa.weight": LAYERS, "kv_b_proj.weight": LAYERS}
     assert_same_step_as(ours, theirs, gold, dtype, attention)
 
@@ -185,14 +189,14 @@ def test_t5_relative_position_bias_step(kernel, transformers, padding):
     )
     model = transformers.T5ForConditionalGeneration(model_config).train().to(dtype)
     inputs = batch(padded)
-    inputs["labels"] = torch.randint(1, 128, (2, DECODER_LENGTH))
+    inputs["labels"] = torch.randint(0, 128, (2, DECODER_LENGTH))
     metal_flash_sdpa.MIN_SEQ_LEN = DECODER_LENGTH
 
     ours, theirs, gold = step_as_pytorch_steps(kernel, model, inputs, 3 * LAYERS)
 
     calls = [call for call, _ in kernel.decisions]  # encoder blocks, then decoder self, cross, self, cross
-    shapes = [(LENGTH, LENGTH, True)] * LAYERS + [(DECODER_LENGTH, DECODER_LENGTH, True), (DECODER_LENGTH, LENGTH, False)] * LAYERS
-    for call, (q_len, kv_len, mask_grad) in zip(calls, shapes):
+    decoder = [(DECODER_LENGTH, DECODER_LENGTH, True), (DECODER_LENGTH, LENGTH, False)]
+    for call, (q_len, kv_len, mask_grad) in zip(calls, [(LENGTH, LENGTH, True)] * LAYERS + decoder * LAYERS):
         assert (call.q_len, call.kv_len, call.mask_grad) == (q_len, kv_len, mask_grad)
         assert (call.dtype, call.batch, call.q_heads, call.kv_heads, call.head_dim, call.value_dim) == (
             dtype, 2, 4, 4, 16, 16,
@@ -201,7 +205,8 @@ def test_t5_relative_position_bias_step(kernel, transformers, padding):
             "additive", True, False, 0.0, True,
         )
     # the biases' gradients come only through the masks' gradients
-    attention = {".q.weight": 3 * LAYERS, ".k.weight": 3 * LAYERS, ".v.weight": 3 * LAYERS, "relative_attention_bias.weight": 2}
+    attention = {".q.weight": 3 * LAYERS, ".k.weight": 3 * LAYERS, ".v.weight": 3 * LAYERS}
+    attention["relative_attention_bias.weight"] = 2  # the encoder's and the decoder's
     assert_same_step_as(ours, theirs, gold, dtype, attention)
 
 
@@ -209,8 +214,9 @@ def test_t5_relative_position_bias_step(kernel, transformers, padding):
 
 
 def test_vae_decoder_attention_at_4096_tokens_dispatches(kernel):
-    """AutoencoderKL's decoder mid-block attention over a 64 x 64 latent: one head of 512
-    channels, 4096 tokens, no mask, no grad (decoding), at the default MIN_SEQ_LEN. Float32,
+    """AutoencoderKL's decoder mid-block attention over a 64 x 64 latent (its 512-channel
+    features at the latent's size): one head of 512 channels, 4096 tokens, no mask, no grad
+    (decoding), above the default MIN_SEQ_LEN (256). Float32,
     as pipelines decode an AutoencoderKL with ``force_upcast`` (its default). Only the
     attention module runs: the resnets around it make no SDPA call and cost the CPU ~150
     GFLOP."""
@@ -219,21 +225,22 @@ def test_vae_decoder_attention_at_4096_tokens_dispatches(kernel):
     vae = diffusers.AutoencoderKL(block_out_channels=(512,)).eval()
     assert vae.config.force_upcast
     attention = vae.decoder.mid_block.attentions[0]
-    latent = torch.randn(1, 512, 64, 64, generator=torch.Generator().manual_seed(1))
+    features = torch.randn(1, 512, 64, 64, generator=torch.Generator().manual_seed(1))
     metal_flash_sdpa.MIN_SEQ_LEN = config.DEFAULT_MIN_SEQ_LEN
 
     with torch.no_grad():
-        ours = attention(latent)
+        ours = attention(features)
         assert account_for_calls(kernel, 1) == [None]
         ((call, _),) = kernel.decisions
         assert (call.dtype, call.q_heads, call.kv_heads, call.q_len, call.kv_len) == (torch.float32, 1, 1, 4096, 4096)
-        assert (call.head_dim, call.value_dim, call.mask, call.causal, call.needs_grad) == (512, 512, None, False, False)
+        assert (call.head_dim, call.value_dim, call.mask, call.causal) == (512, 512, None, False)
+        assert not call.needs_grad
         with metal_flash_sdpa.disabled():
-            theirs = attention(latent)
-            gold = copy.deepcopy(attention).double()(latent.double())
+            theirs = attention(features)
+            gold = copy.deepcopy(attention).double()(features.double())
     assert metal_flash_sdpa.get_dispatch_count() == 1
     # the module adds its input back: compared is what attention added (largest ~0.1)
-    ours, theirs, gold = ours.double() - latent.double(), theirs.double() - latent.double(), gold - latent.double()
+    ours, theirs, gold = (out.double() - features.double() for out in (ours, theirs, gold))
     miss = compare(ours, theirs, gold, *MFAKernel.tolerances[torch.float32])
     assert miss is None, miss
     assert ours.abs().max() > 0.05  # a real contribution, not zeros

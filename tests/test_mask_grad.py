@@ -170,3 +170,22 @@ def test_t5_training_step(reference_cpu):
     assert len(bias) == 2 and all(ours[1][n].abs().sum() > 0 for n in bias)
     for name, grad in ours[1].items():
         torch.testing.assert_close(grad, theirs[1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_mfa_hands_its_bridge_a_zeroed_gradient_laid_out_as_the_mask(recorded_mfa):
+    # patch 0017: the kernels add into a tensor read through the mask's own strides; a mask
+    # shared by the batch ([1, H, L, S] broadcast to B) gets a gradient of [1, H, L, S]
+    q, k, v = (torch.randn(2, 40, 3, 16).transpose(1, 2) for _ in range(3))
+    bias = torch.randn(1, 3, 40, 40)[..., :40]
+    mask = bias.expand(2, 3, 40, 40)
+    out, lse = recorded_mfa.forward(q, k, v, 0.25, False, mask)
+    dq, dk, dv, dmask = recorded_mfa.backward(torch.randn_like(out), q, k, v, out, lse, 0.25, False, mask, mask_grad=True)
+    handed_mask, handed_grad = recorded_mfa.bridge.tensors[-1][-2:]
+    assert handed_grad.shape == handed_mask.shape and handed_grad.stride() == handed_mask.stride() == (0, 1600, 40, 1)
+    assert dmask.shape == (1, 3, 40, 40) and dmask.dtype == mask.dtype and dmask.eq(0).all()  # the bridge adds nothing
+    assert handed_grad.data_ptr() == dmask.data_ptr()
+
+    gapped = torch.randn(1, 3, 40, 48)[..., :40].expand(2, 3, 40, 40)  # keys contiguous, rows 48 apart
+    recorded_mfa.backward(torch.randn_like(out), q, k, v, out, lse, 0.25, False, gapped, mask_grad=True)
+    handed_mask, handed_grad = recorded_mfa.bridge.tensors[-1][-2:]
+    assert handed_mask.stride() == handed_grad.stride() == (0, 1600, 40, 1) and torch.equal(handed_mask, gapped)

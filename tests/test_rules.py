@@ -283,7 +283,9 @@ def test_call_describes_the_flattened_view():
     k = torch.empty(2, 3, 2, 50, 16)
     v = torch.empty(2, 3, 2, 50, 24)
     call = rules.describe(q.shape, k.shape, v.shape, q.dtype, torch.empty(4, 1, 50, dtype=torch.bool), True, False)
-    assert call == Call(torch.float32, 6, 4, 2, 40, 50, 16, 24, True, "bool", True, False)
+    assert call == Call(torch.float32, 6, 4, 2, 40, 50, 16, 24, True, "bool", True, False, mask_lines=True)  # one row
+    full = rules.describe(q.shape, k.shape, v.shape, q.dtype, torch.empty(40, 50), False, True)
+    assert not full.mask_lines
     assert isinstance(metal_flash_sdpa.ReferenceKernel(), Kernel)
 
 

@@ -3,8 +3,8 @@
 
   python tools/mfa_engine.py source --dtype {fp32,fp16,bf16} --batch B --heads H
       --kv-heads HK --q-len R --kv-len C --head-dim D [--causal] [--mask {none,bool,additive}]
-      [--mask-shape {LS,B1LS,BHLS,B11S}] [--mask-pattern P] [--grad] [--gpu {apple7,apple9}] [--macos N]
-      [--os-reports V] [--scale S] [--dropout P [--dropout-seed S]]
+      [--mask-shape {LS,B1LS,BHLS,B11S}] [--mask-pattern P] [--grad [--mask-grad]] [--gpu {apple7,apple9}]
+      [--macos N] [--os-reports V] [--scale S] [--dropout P [--dropout-seed S]] [--value-dim DV]
 
 prints the Metal source of every kernel the call launches (forward; with --grad the backward
 too), each after a line `// kernel: NAME` and a line `// options: language=X.Y fast_math=on|off`
@@ -21,7 +21,8 @@ Metal would reject). ccv comes from MFA_CCV_SOURCE or ../shared/ccv/ (tools/engi
 
 executes everything the call encodes on the CPU (tools/engine/execute.py) on random inputs
 and compares out, LSE (and with --grad dQ, dK, dV) with PyTorch's math SDPA in float64;
-prints one JSON line {"ok", "max_abs", "max_rel", "used" (share of the tolerance), "tolerance",
+prints one JSON line {"ok", "max_abs", "max_rel", "used" (share of the tolerance; with
+--mask-grad "dmask" too, the mask's gradient against float64 autograd), "tolerance",
 "mma" (8x8 multiply-accumulates per kernel), "mask_tile_reads" (mask elements the tile
 summaries read: each summary reads the mask once), "copies" (per kernel, "balance",
 "balance_floor" and "vector_share" of the tile copies its threads make themselves, patch
@@ -87,6 +88,7 @@ def call_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mask-shape", choices=encode.MASK_SHAPES, default="B1LS")
     parser.add_argument("--mask-pattern", default=None, help="with --mask: the mask models pass (tools/engine/masks.py, pattern)")
     parser.add_argument("--grad", action="store_true")
+    parser.add_argument("--mask-grad", action="store_true", help="with --mask additive and --grad: the mask's gradient too (patch 0017)")
     parser.add_argument("--gpu", choices=("apple7", "apple9"), default="apple9")
     parser.add_argument("--macos", type=int, default=26, help="the modelled macOS (its compiler)")
     parser.add_argument("--os-reports", default=None, help="what NSProcessInfo reports, MAJOR[.MINOR[.PATCH]] (default: --macos)")
@@ -159,6 +161,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.mask_pattern is not None and args.mask == "none":
         parser.error("--mask-pattern needs --mask bool or --mask additive")
+    if args.mask_grad and (args.mask != "additive" or not args.grad):
+        parser.error("--mask-grad needs --mask additive and --grad")
     try:
         return args.run(args)
     except encode.Refused as refused:

@@ -36,6 +36,7 @@ class Call(NamedTuple):
     scale: Optional[float] = None  # SDPA's scale argument; None: 1/sqrt(head_dim)
     dropout_p: float = 0.0  # in [0, 1): the rules send no other value to a kernel
     mask_grad: bool = False  # an additive mask that requires grad: the backward returns its gradient
+    mask_lines: bool = False  # the mask broadcasts over query rows or keys (its dim -2 or -1 is 1)
 
     @property
     def softmax_scale(self) -> float:

@@ -146,6 +146,9 @@ class MFAKernel(Kernel):
     # patch 0015: metal_flash_sdpa.dropout's decisions, drawn in the kernels; with causal,
     # masks and GQA; tests/test_engine_dropout.py
     supports_dropout = True
+    # patch 0017: the additive mask's gradient, added by the backward-key-value kernel, for
+    # masks with a row per query and a column per key; tests/test_engine_mask_grad.py
+    supports_mask_grad = True
     # (atol, rtol) for out, dq, dk, dv, from the CPU executor (tools/engine/execute.py: the
     # emitted kernels against float64 PyTorch on the same dtype-rounded inputs) over
     # tests/test_engine_execute.py's matrix with MFA_ENGINE_FULL=1 (every table row, both GPU
@@ -224,6 +227,8 @@ class MFAKernel(Kernel):
             return f"is_causal with attn_mask not supported by {self.name}"
         # the most a mask can span: per batch (and head) elements, whether or not it broadcasts
         mask_elements = call.batch * (call.q_heads if call.mask_per_head else 1) * call.q_len * call.kv_len
+        if call.mask_grad and call.needs_grad and call.mask_lines:
+            return f"attn_mask gradient of a mask broadcast over query rows or keys not supported by {self.name}"
         if call.mask is not None and mask_elements > MAX_ELEMENTS:
             return f"an attn_mask of up to {mask_elements} elements beyond the 32-bit offsets of {self.name}"
         if self.max_buffer_length is not None and smallest_slice_scratch(call) > self.max_buffer_length:
@@ -247,10 +252,11 @@ class MFAKernel(Kernel):
             return _value_dim.forward(self._forward, self.layout, q, k, v, scale, causal, mask, dropout)
         return self._forward(q, k, v, scale, causal, mask, dropout)
 
-    def backward(self, grad_out, q, k, v, out, lse, scale: float, causal: bool, mask, dropout=None):
+    def backward(self, grad_out, q, k, v, out, lse, scale: float, causal: bool, mask, dropout=None, mask_grad=False):
+        args = (lse, scale, causal, mask, dropout, mask_grad)
         if q.shape[-1] != v.shape[-1]:
-            return _value_dim.backward(self._backward, self.layout, grad_out, q, k, v, out, lse, scale, causal, mask, dropout)
-        return self._backward(grad_out, q, k, v, out, lse, scale, causal, mask, dropout)
+            return _value_dim.backward(self._backward, self.layout, grad_out, q, k, v, out, *args)
+        return self._backward(grad_out, q, k, v, out, *args)
 
     def _forward(self, q, k, v, scale, causal, mask, dropout):
         native = _require_native()
@@ -262,30 +268,40 @@ class MFAKernel(Kernel):
         self._masked(native.attention_forward, (q, k, v, out, lse), scale, causal, mask, False, dropout)
         return out.transpose(1, 2), lse
 
-    def _backward(self, grad_out, q, k, v, out, lse, scale, causal, mask, dropout):
+    def _backward(self, grad_out, q, k, v, out, lse, scale, causal, mask, dropout, mask_grad=False):
         native = _require_native()
         dq, dk, dv = (_empty_bshd(t) for t in (q, k, v))
         q, k, v, grad_out = (aligned(t.transpose(1, 2)) for t in (q, k, v, grad_out))
         tensors = (q, k, v, out.transpose(1, 2), lse, grad_out, dq, dk, dv)
-        self._masked(native.attention_backward, tensors, scale, causal, mask, True, dropout)
-        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+        dmask = None
+        if mask_grad:  # patch 0017: the kernels add into a zeroed gradient laid out as the mask
+            mask = compact(mask)
+            dmask = torch.zeros_like(mask[tuple(slice(0, 1) if s == 0 else slice(None) for s in mask.stride())])
+        self._masked(native.attention_backward, tensors, scale, causal, mask, True, dropout, dmask)
+        grads = dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+        return grads if dmask is None else (*grads, dmask)
 
-    def _masked(self, encode, tensors, scale, causal, mask, backward, dropout):
+    def _masked(self, encode, tensors, scale, causal, mask, backward, dropout, mask_grad=None):
         """``encode(*tensors, scale, causal, mask, ...)``, a masked call with its mask's tile
         summaries: written by this call unless kept from an earlier one of the same mask;
-        ``dropout`` (p, seed) as ccv takes it."""
+        ``dropout`` (p, seed) as ccv takes it; ``mask_grad``: the backward's mask gradient,
+        the mask's compact form, which the kernels add into (as a view of the mask's strides)."""
         scale, causal = float(scale), bool(causal)
         options = {} if dropout is None else {"dropout": dropout_parameters(*dropout)}
         if mask is None:
             return encode(*tensors, scale, causal, **options)
         mask = keys_contiguous(mask)
         q, k, v = tensors[:3]
-        shape_key = (backward, tuple(q.shape), tuple(k.shape), q.dtype)  # what sizes the summaries
+        grad = mask_grad is not None
+        shape_key = (backward, tuple(q.shape), tuple(k.shape), q.dtype, grad)  # what sizes the summaries
+        sizing = dict(options, mask_grad=grad)
 
-        def make():  # builds this call's kernels (with its dropout), which the summaries are of
-            sizes = _require_native().mask_tiles_bytes(q, k, v, scale, causal, mask, backward, **options)
+        def make():  # builds this call's kernels (with its dropout and gradient), which the summaries are of
+            sizes = _require_native().mask_tiles_bytes(q, k, v, scale, causal, mask, backward, **sizing)
             return [torch.empty(size, dtype=torch.uint8, device=q.device) for size in sizes]
 
+        if grad:
+            options["mask_grad"] = mask_grad.expand(mask.shape)
         with self.mask_tiles.lock:
             summaries, summarize = self.mask_tiles.get(mask, shape_key, make)
             encode(*tensors, scale, causal, mask, summaries, summarize, **options)
@@ -302,6 +318,17 @@ def keys_contiguous(mask):
         return mask
     index = tuple(slice(0, 1) if stride == 0 else slice(None) for stride in mask.stride()[:-1])
     return mask[index].contiguous().expand(mask.shape)
+
+
+def compact(mask):
+    """``mask`` (the op layer's 4-D view, stride 0 where it broadcasts) read from a dense
+    tensor of its own size, copied there only if its memory has gaps: a mask's gradient is
+    laid out the same (zeros_like of that tensor), so that the kernels find each element of
+    the gradient at its mask element's place (patch 0017)."""
+    own = mask[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in mask.stride())]
+    if own.is_contiguous():
+        return mask
+    return own.contiguous().expand(mask.shape)
 
 
 def dropout_parameters(p: float, seed: int) -> tuple:

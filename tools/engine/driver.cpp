@@ -5,7 +5,7 @@
 // CPU executions.
 //
 //   driver --dtype fp16 --batch B --heads H --kv-heads HK --q-len R --kv-len C --head-dim D
-//          [--grad] [--causal] [--mask-strides B,H,ROW [--mask-bool]] [--dropout THRESHOLD,SCALE,SEED]
+//          [--grad] [--causal] [--mask-strides B,H,ROW [--mask-bool] [--mask-grad]] [--dropout THRESHOLD,SCALE,SEED]
 //          [--gpu apple7|apple9] [--macos N] [--scale S]
 //          [--os-reports V] [--offset BYTES]
 //          [--async-copies auto|on|off] [--fault empty-library|nil-pipeline|no-memory]
@@ -41,7 +41,9 @@
 // byte an element (patch 0012). A masked call's kernels read the mask's tile summaries
 // (patch 0013), in buffers "mask_tiles_forward", "mask_tiles_backward_query" and
 // "mask_tiles_backward_key_value", which the summary kernels write from the mask in the
-// same command buffer before each pass, as the bridge encodes them.
+// same command buffer before each pass, as the bridge encodes them. --mask-grad (with an
+// additive mask and --grad): the backward adds the mask's gradient into a buffer
+// "mask_grad" laid out as the mask (patch 0017), which the caller zeroes.
 //
 // Exit 0 with the record; 2 (JSON {"refused": ...}) when the bridge would refuse the call;
 // 3 (JSON {"error": ...}) when ccv raised.
@@ -114,6 +116,8 @@ Options parse(int argc, char** argv) {
         usage("--dropout takes THRESHOLD,SCALE,SEED");
     } else if (a == "--mask-bool") {
       o.mask.is_bool = true;
+    } else if (a == "--mask-grad") {
+      o.mask.grad = true;
     } else if (a == "--grad") {
       o.grad = true;
     } else if (a == "--compile-source") {
@@ -379,7 +383,9 @@ int run(const Options& o) {
   if (o.grad) {
     Tensor dout = tensor("do", q_elements, es, o.offset), dq = tensor("dq", q_elements, es, o.offset),
            dk = tensor("dk", kv_elements, es, o.offset), dv = tensor("dv", kv_elements, es, o.offset);
-    Tensor backward[mfa_sdpa::kBackwardBuffers] = {q, k, v, out, lse, dout, dq, dk, dv, mask_tensor, summaries[1], summaries[2]};
+    // the mask's gradient: the mask's span and type, zeroed by the caller (MFAKernel)
+    const Tensor dmask = mask && mask->grad ? tensor("mask_grad", mfa_sdpa::mask_span(s, *mask), es, o.offset) : Tensor{nullptr, 0};
+    Tensor backward[mfa_sdpa::kBackwardBuffers] = {q, k, v, out, lse, dout, dq, dk, dv, mask_tensor, summaries[1], summaries[2], dmask};
     encode(o.prepare, context,
            mfa_sdpa::launches(s, o.dtype, float(o.scale), true, o.causal, mask, o.scratch_budget, mask ? &layouts[1] : nullptr,
                               dropout),

@@ -41,6 +41,7 @@ class Call:
     mask: str = "none"  # none, bool, additive
     mask_shape: str = "B1LS"  # one of MASK_SHAPES, with a mask
     mask_pattern: Optional[str] = None  # with a mask: one of masks.PATTERNS, in its own shape; None: masks.make's
+    mask_grad: bool = False  # with an additive mask and grad: the backward returns the mask's gradient (patch 0017)
     grad: bool = False
     gpu: str = "apple9"  # apple7, apple9
     macos: int = 26  # the modelled Mac's compiler: from 26 on it rejects `__asm` in source
@@ -83,6 +84,7 @@ class Call:
         if self.mask != "none":
             args += ["--mask-strides", ",".join(map(str, self.mask_strides()))]
             args += ["--mask-bool"] if self.mask == "bool" else []
+            args += ["--mask-grad"] if self.mask_grad else []
         if self.dropout:
             args += ["--dropout", ",".join(map(str, self.dropout_parameters()))]
         # the backward in the forward's command buffer, as PyTorch's stream may encode them:
@@ -147,6 +149,8 @@ def refusal(call: Call) -> Optional[str]:
         needs_grad=call.grad,
         scale=call.scale,
         dropout_p=call.dropout,
+        mask_grad=call.mask_grad,
+        mask_lines=call.mask != "none" and call.mask_dims()[2] != call.q_len,
     )
     kernel = MFAKernel()
     kernel.max_buffer_length = MAX_BUFFER_LENGTH  # as the bridge reads it on a Mac

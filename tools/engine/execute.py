@@ -35,8 +35,8 @@ ALIGN = 16
 POISON = 0xFF
 
 INPUTS = ("q", "k", "v", "do")  # and "mask" with a mask
-OUTPUTS = ("out", "lse", "dq", "dk", "dv")
-BUFFER_OF = {"out": "o"}  # the record names the output buffer "o"
+OUTPUTS = ("out", "lse", "dq", "dk", "dv")  # and "dmask" with the mask's gradient
+BUFFER_OF = {"out": "o", "dmask": "mask_grad"}  # the record's names of the output buffers
 
 # The log-sum-exp is not in the kernel contract (MFAKernel.tolerances covers out, dq, dk, dv),
 # but the backward reads it, so it is checked on its own: float32 in both dtypes (upcast).
@@ -172,7 +172,10 @@ def kernel_inputs(call: encode.Call, inputs: dict) -> dict:
             return t
         return widened(t.transpose(1, 2), call.kernel_head_dim, "BSHD").transpose(1, 2)
 
-    return {name: kernel_form(name, t) for name, t in inputs.items()}
+    out = {name: kernel_form(name, t) for name, t in inputs.items()}
+    if call.mask_grad:  # the mask's gradient, zeroed as MFAKernel zeroes it
+        out[BUFFER_OF["dmask"]] = torch.zeros(call.mask_dims(), dtype=call.torch_dtype)
+    return out
 
 
 def user_outputs(call: encode.Call, outputs: dict) -> dict:
@@ -199,6 +202,8 @@ def _tensor_layouts(call: encode.Call) -> dict:
     layouts.update({"do": (dtype, qo), "dq": (dtype, qo), "dk": (dtype, kv), "dv": (dtype, kv)})
     if call.mask != "none":  # stored compact: its span is its element count
         layouts["mask"] = (torch.bool if call.mask == "bool" else dtype, call.mask_dims())
+    if call.mask_grad:  # laid out as the mask
+        layouts["mask_grad"] = (dtype, call.mask_dims())
     return layouts
 
 
@@ -380,13 +385,14 @@ def execute(
             copies[name].update({key: stats[key] for key in metal.COPY_STATS})
         memory.check_surroundings()
         for name, tensor in contents.items():
+            if name == BUFFER_OF["dmask"]:  # zeroed by the caller, then added to
+                continue
             if not torch.equal(memory.read(name).view(torch.uint8), tensor.contiguous().view(torch.uint8)):
                 raise ReplayError(f"a kernel wrote to the input {name}")
         for name, before in frozen.items():
             if not torch.equal(memory.read(name).view(torch.uint8), before.view(torch.uint8)):
                 raise ReplayError(f"the backward wrote to the forward's {name}")
-        names = OUTPUTS if record.call.grad else OUTPUTS[:2]
-        outputs = {name: memory.read(BUFFER_OF.get(name, name)) for name in names}
+        outputs = {name: memory.read(BUFFER_OF.get(name, name)) for name in output_names(record.call)}
         raised = {name: metal.float_exceptions(bits) for name, bits in flags.items() if bits}
         return Execution(outputs, dict(mma), raised, {name: dict(counts) for name, counts in copies.items()})
     finally:
@@ -420,6 +426,8 @@ def reference(call: encode.Call, inputs: dict, scale: Optional[float] = None) ->
         # (False = -inf: a row without keys gives 0); aten's math op, called directly, would
         # attend such a row uniformly.
         mask = masks.additive(inputs["mask"], torch.float64)
+        if call.mask_grad:  # each batch's and head's own scores' gradient, summed below
+            mask = mask.expand(call.batch, call.heads, call.q_len, call.kv_len).clone().requires_grad_()
     dropout = {}
     if call.dropout:  # the kernels' keep decisions (metal_flash_sdpa.dropout), as the op's mask
         from metal_flash_sdpa.dropout import keep_mask
@@ -442,8 +450,16 @@ def reference(call: encode.Call, inputs: dict, scale: Optional[float] = None) ->
         dots = (q.abs() @ keys.abs().transpose(-1, -2)) * abs(scale) / math.log(2)
     result = {"out": out.detach().transpose(1, 2), "lse": lse, "lse_magnitude": dots.amax(dim=-1)}
     if call.grad:
-        dq, dk, dv = torch.autograd.grad(out, (q, k, v), inputs["do"].double().transpose(1, 2))
-        result.update(dq=dq.transpose(1, 2), dk=dk.transpose(1, 2), dv=dv.transpose(1, 2))
+        primals = (q, k, v, mask) if call.mask_grad else (q, k, v)
+        grads = torch.autograd.grad(out, primals, inputs["do"].double().transpose(1, 2))
+        result.update(dq=grads[0].transpose(1, 2), dk=grads[1].transpose(1, 2), dv=grads[2].transpose(1, 2))
+        if call.mask_grad:  # the mask's own shape: summed over what it broadcasts
+            shape = call.mask_dims()
+            result["dmask"] = grads[3].sum_to_size(shape)
+            # the kernels add the terms one by one in the mask's dtype: a sum of n rounds n
+            # times, each within the dtype's precision of its partial sum, which the sum of the
+            # terms' magnitudes bounds (compare: a `_magnitude` scales rtol)
+            result["dmask_magnitude"] = grads[3].abs().sum_to_size(shape)
     return result
 
 
@@ -475,8 +491,12 @@ def tolerances(call: encode.Call) -> dict:
 
     dtype = call.torch_dtype
     promised = MFAKernel.tolerances[dtype]
-    names = OUTPUTS if call.grad else OUTPUTS[:2]
-    return {name: LSE_TOLERANCE if name == "lse" else promised for name in names}
+    return {name: LSE_TOLERANCE if name == "lse" else promised for name in output_names(call)}
+
+
+def output_names(call: encode.Call) -> tuple:
+    """The outputs a call's kernels write: out and lse; with grad dq, dk, dv; dmask."""
+    return (OUTPUTS if call.grad else OUTPUTS[:2]) + (("dmask",) if call.mask_grad else ())
 
 
 @dataclasses.dataclass
