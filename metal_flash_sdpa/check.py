@@ -174,7 +174,7 @@ def compare(ours, theirs, gold, atol, rtol) -> Optional[str]:
 def _judge(tolerance, dtype, name, mode, ours, theirs, gold) -> Result:
     atol, rtol = tolerance
     max_abs, max_rel, worst, misses = 0.0, 0.0, "", []
-    for label, a, b, g in zip(("out", "dq", "dk", "dv"), ours, theirs, gold):
+    for label, a, b, g in zip(("out", "dq", "dk", "dv", "dmask"), ours, theirs, gold):
         a, b = a.cpu().double(), b.cpu().double()
         error = (a - b).abs().max().item() if a.numel() else 0.0
         scale = b.abs().max().item() if b.numel() else 0.0

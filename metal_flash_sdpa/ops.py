@@ -150,7 +150,7 @@ def _backward(kernel, grad_out, q, k, v, out, lse, mask, scale, causal, dropout_
         if mask_grad:
             options["mask_grad"] = True
         try:
-            _verify(kernel, "backward", q, k, v, mask, scale, causal, bool(dropout_p))
+            _verify(kernel, "backward", q, k, v, mask, scale, causal, bool(dropout_p), mask_grad)
             return kernel.backward(grad_out, q, k, v, out, lse, scale, causal, mask, **options)
         except Exception as error:
             kernel_failed(kernel, error, "backward", q, k, v, mask, causal, True, scale, dropout_p)

@@ -52,7 +52,8 @@ FORMAT = 1
 CANARY_LENGTHS = (67, 149)
 SEED = 16
 CANARY_DROPOUT = 0.25  # a dropout variant's canary drops with this p (and the seed SEED)
-MASK_KINDS = ("none", "broadcast", "per-head", "bool broadcast", "bool per-head")
+# The last two: an additive mask whose gradient the backward returns (a learned bias).
+MASK_KINDS = ("none", "broadcast", "per-head", "bool broadcast", "bool per-head", "broadcast, grad", "per-head, grad")
 
 mode = config.selfcheck_mode()  # "on", "off" or "always"; tests set it directly
 
@@ -88,15 +89,15 @@ class SelfCheckFailed(RuntimeError):
         super().__init__(self.warning)
 
 
-def verify(kernel, stage, q, k, v, mask, scale, causal, dropout=False) -> None:
+def verify(kernel, stage, q, k, v, mask, scale, causal, dropout=False, mask_grad=False) -> None:
     """Return when the variant of this op-level call (4-D tensors, 4-D mask, scale
-    resolved; ``dropout``: whether it drops) may run on ``kernel`` in ``stage``; raise
-    SelfCheckFailed when it failed its self-check. The first call of a variant checks it
-    (one thread; the others wait)."""
+    resolved; ``dropout``: whether it drops; ``mask_grad``: whether its backward returns the
+    mask's gradient) may run on ``kernel`` in ``stage``; raise SelfCheckFailed when it failed
+    its self-check. The first call of a variant checks it (one thread; the others wait)."""
     if mode == "off":
         return
     shape = q.shape
-    mask_kind = 0 if mask is None else _mask_kind(mask.dtype == torch.bool, mask.shape[1] != 1)
+    mask_kind = 0 if mask is None else _mask_kind(mask.dtype == torch.bool, mask.shape[1] != 1, mask_grad)
     key = (kernel, q.device, stage, q.dtype, shape[1], k.shape[1], shape[3], v.shape[3], scale, causal, mask_kind, dropout)
     failed = _known.get(key, _UNKNOWN)
     if failed is None:
@@ -108,9 +109,9 @@ def verify(kernel, stage, q, k, v, mask, scale, causal, dropout=False) -> None:
     raise SelfCheckFailed(kernel, stage, describe(key), failed)
 
 
-def _mask_kind(is_bool, per_head) -> int:
+def _mask_kind(is_bool, per_head, grad=False) -> int:
     """The index in MASK_KINDS of a mask."""
-    return 1 + per_head + 2 * is_bool
+    return 5 + per_head if grad else 1 + per_head + 2 * is_bool
 
 
 def describe(key) -> str:
@@ -248,7 +249,7 @@ def canary_inputs(key, q_len, kv_len):
             blocked[..., 32:128] = True
             blocked[..., 128:] = False
             mask[..., 128:] = 0
-        mask = ~blocked if mask_kind > 2 else mask.masked_fill_(blocked, -math.inf)
+        mask = ~blocked if mask_kind in (3, 4) else mask.masked_fill_(blocked, -math.inf)
     grad_out = randn(1, q_heads, q_len, value_dim) if stage == "backward" else None
     return q, k, v, mask, grad_out
 
@@ -257,8 +258,9 @@ def _canary(key, q_len, kv_len):
     """-> (kernel's, PyTorch's in the dtype, float64's) out (and dq, dk, dv) on the canary."""
     from . import ops
 
-    kernel, device, *_, scale, causal, _, dropped = key
+    kernel, device, *_, scale, causal, mask_kind, dropped = key
     cpu = canary_inputs(key, q_len, kv_len)
+    mask_grad = MASK_KINDS[mask_kind].endswith("grad") and cpu[4] is not None
     q, k, v, mask, grad_out = (None if t is None else t.to(device) for t in cpu)
     layout = kernel.layout
     # A dropout variant drops with a fixed p and seed; PyTorch takes the same decisions.
@@ -272,16 +274,18 @@ def _canary(key, q_len, kv_len):
         out, lse = kernel.forward(*tensors, scale, causal, mask, **options)
         ours = [out]
         if grad_out is not None:
-            ours += kernel.backward(ops.to_layout(grad_out, layout), *tensors, out, lse, scale, causal, mask, **options)
+            backward = dict(options, mask_grad=True) if mask_grad else options
+            ours += kernel.backward(ops.to_layout(grad_out, layout), *tensors, out, lse, scale, causal, mask, **backward)
         ours = [t.cpu() for t in ours]  # waits for the device: its errors surface here
-        theirs = _math_sdpa(q, k, v, mask, scale, causal, grad_out, dropout and (dropout[0], dropout[1].to(device)))
+        on_device = dropout and (dropout[0], dropout[1].to(device))
+        theirs = _math_sdpa(q, k, v, mask, scale, causal, grad_out, on_device, mask_grad)
     q, k, v, mask, grad_out = (t if t is None or t.dtype == torch.bool else t.double() for t in cpu)
-    return ours, theirs, _math_sdpa(q, k, v, mask, scale, causal, grad_out, dropout)
+    return ours, theirs, _math_sdpa(q, k, v, mask, scale, causal, grad_out, dropout, mask_grad)
 
 
-def _math_sdpa(q, k, v, mask, scale, causal, grad_out, dropout=None):
-    """PyTorch's math SDPA: [out] or [out, dq, dk, dv] for ``grad_out``; ``dropout``: (p,
-    the keep mask). Its aten op itself, not sdpa_kernel(MATH): that flips process-wide
+def _math_sdpa(q, k, v, mask, scale, causal, grad_out, dropout=None, mask_grad=False):
+    """PyTorch's math SDPA: [out] or [out, dq, dk, dv] for ``grad_out`` (and dmask with
+    ``mask_grad``); ``dropout``: (p, the keep mask). Its aten op itself, not sdpa_kernel(MATH): that flips process-wide
     backend flags, and calls in other threads would then fall back (rules.BACKENDS) while a
     self-check runs."""
     from . import ops
@@ -290,9 +294,9 @@ def _math_sdpa(q, k, v, mask, scale, causal, grad_out, dropout=None):
     if grad_out is None:
         with torch.no_grad():
             return [ops.math_sdpa(q, k, v, mask, causal, scale, p, keep)]
-    inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+    inputs = [t.detach().requires_grad_() for t in ((q, k, v, mask) if mask_grad else (q, k, v))]
     with ops._with_autograd(), torch.enable_grad():
-        out = ops.math_sdpa(*inputs, mask, causal, scale, p, keep)
+        out = ops.math_sdpa(*inputs[:3], inputs[3] if mask_grad else mask, causal, scale, p, keep)
         # grad of sum(out * grad_out), the same numbers: autograd.grad given grad_outputs
         # first imports torch's symbolic shapes (sympy), a second on a cold start
         return [out.detach(), *torch.autograd.grad((out * grad_out).sum(), inputs)]

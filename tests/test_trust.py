@@ -184,6 +184,42 @@ def test_a_dropout_variant_is_checked_with_dropout(fresh, warned):
     assert "mask=none dropout)" in message
 
 
+class MaskGradOff(ReferenceKernel):
+    """Returns the mask's gradient doubled: right in every variant but a learned mask's."""
+
+    name = "mask-grad-off"
+    supports_mask_grad = True
+
+    def __init__(self):
+        super().__init__(block_size=32)
+        self.canaries = []  # the mask_grad argument of each canary backward
+
+    def backward(self, grad_out, q, k, v, out, lse, scale, causal, mask, dropout=None, mask_grad=False):
+        if q.shape[0] == 1:
+            self.canaries.append(mask_grad)
+        grads = super().backward(grad_out, q, k, v, out, lse, scale, causal, mask, dropout=dropout, mask_grad=mask_grad)
+        return (*grads[:3], grads[3] * 2) if mask_grad else grads
+
+
+def test_a_mask_gradient_variant_is_checked_with_its_gradient(fresh, warned):
+    # A backward returning the mask's gradient runs other kernels (ccv patch 0017): its
+    # canary asks for the gradient and judges it with dq, dk, dv; a wrong one fails alone.
+    kernel = fresh(MaskGradOff())
+    q, k, v = qkv(grad=True)
+    bias = torch.randn(1, 2, 40, 40)
+    F.scaled_dot_product_attention(q, k, v, attn_mask=bias).sum().backward()
+    assert metal_flash_sdpa.get_dispatch_count() == 1 and fallbacks() == {}
+    learned = bias.clone().requires_grad_()
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=learned)
+    out.sum().backward()
+    assert kernel.canaries == [False, True]
+    assert fallbacks() == {}  # the forward passed; the backward went to PyTorch's gradients
+    expected = torch.autograd.grad(pytorch_sdpa(q, k, v, attn_mask=learned).sum(), learned)[0]
+    torch.testing.assert_close(learned.grad, expected)  # PyTorch's, not the doubled one
+    (message,) = warned()
+    assert "mask=per-head, grad)" in message
+
+
 def test_verdicts_persist_and_key_the_machine(fresh, tmp_path, monkeypatch):
     class Machine(Recording):
         build = "23A344"
