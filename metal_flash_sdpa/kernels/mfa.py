@@ -29,6 +29,9 @@ executor (``tools/engine``; ``verified_rung``):
   needs more than the device's largest buffer (``max_buffer_length``, from the bridge);
 - attention dropout, forward and backward (patch 0015: metal_flash_sdpa.dropout's keep
   decisions, drawn in the kernels from the call's seed, never stored);
+- the gradient of an additive mask that requires grad (patch 0017: added by the
+  backward-key-value kernel into a zeroed tensor laid out as the mask, one launch per batch
+  or key/value group that shares it), but not of a mask broadcast over query rows or keys;
 - ``scale`` from 2**-32 to 2**32 (patch 0010: the keys a kernel excludes keep a finite,
   far negative score at every served scale; <= 0 and non-finite scales are refused);
 - macOS 14 or later: the kernels compile as Metal 3.1, the first with ``bfloat`` (patch
