@@ -199,7 +199,10 @@ def training_step(model, inputs):
     return loss.detach().double(), grads
 
 
-def assert_same_step(ours, theirs, gold, dtype):
+def assert_same_step(ours, theirs, gold, dtype, attention_weights=None):
+    """The loss and every gradient pass ``check.compare`` (gradients divided by their largest
+    magnitude), and the weights ending in each suffix of ``attention_weights`` ({suffix: how
+    many}; default: q_proj, k_proj and v_proj of each layer) all got a gradient."""
     atol, rtol = MFAKernel.tolerances[dtype]
     (loss, grads), (their_loss, their_grads), (gold_loss, gold_grads) = ours, theirs, gold
     miss = compare(loss, their_loss, gold_loss, atol, rtol)  # a float32 scalar near 4.8
@@ -210,8 +213,10 @@ def assert_same_step(ours, theirs, gold, dtype):
         miss = compare(grad / scale, their_grads[name] / scale, gold_grads[name] / scale, atol, rtol)
         assert miss is None, f"{name} (divided by its largest magnitude {scale.item():.3g}): {miss}"
     # the comparison means something: attention's own weights got a gradient
-    attention = [n for n in grads if n.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight"))]
-    assert len(attention) == 3 * LAYERS and all(grads[n].abs().sum() > 0 for n in attention)
+    default = {"q_proj.weight": LAYERS, "k_proj.weight": LAYERS, "v_proj.weight": LAYERS}
+    for suffix, count in (attention_weights or default).items():
+        named = [n for n in grads if n.endswith(suffix)]
+        assert len(named) == count and all(grads[n].abs().sum() > 0 for n in named), (suffix, named)
 
 
 SCENARIOS = {

@@ -9,7 +9,7 @@ computes like the reference kernel and answers ``supports()`` as ``MFAKernel`` d
 MFA's declarations read at run time (test_integration_mfa_capabilities.py). MIN_SEQ_LEN is
 set to the shortest query length of each step, so every call is at or above it and must
 dispatch; each step must match the same step inside ``disabled()`` by ``check``'s rule
-(``assert_same_step``'s, there).
+(``assert_same_step``).
 """
 
 import copy
@@ -21,7 +21,7 @@ import metal_flash_sdpa
 from metal_flash_sdpa import config
 from metal_flash_sdpa.check import compare
 from metal_flash_sdpa.kernels.mfa import MFAKernel
-from test_integration_mfa_capabilities import LAYERS, LENGTH, account_for_calls, batch, training_step
+from test_integration_mfa_capabilities import LAYERS, LENGTH, account_for_calls, assert_same_step, batch, training_step
 from test_integration_mfa_capabilities import kernel  # noqa: F401 (the fixture)
 
 PADDING = {"unpadded": False, "left+right-padded": True}
@@ -39,25 +39,6 @@ def step_as_pytorch_steps(kernel, model, inputs, calls):
         gold = training_step(copy.deepcopy(model).float(), inputs)
     assert metal_flash_sdpa.get_dispatch_count() == calls  # disabled() dispatched nothing
     return ours, theirs, gold
-
-
-def assert_same_step_as(ours, theirs, gold, dtype, attention_weights):
-    """``assert_same_step`` for models whose attention weights are named otherwise: the loss
-    and every gradient pass ``check.compare`` (gradients divided by their largest magnitude),
-    and the weights ending in each suffix of ``attention_weights`` ({suffix: how many}) all
-    got a gradient."""
-    atol, rtol = MFAKernel.tolerances[dtype]
-    (loss, grads), (their_loss, their_grads), (gold_loss, gold_grads) = ours, theirs, gold
-    miss = compare(loss, their_loss, gold_loss, atol, rtol)
-    assert miss is None, f"loss: {miss}"
-    assert grads.keys() == their_grads.keys() == gold_grads.keys()
-    for name, grad in grads.items():
-        scale = their_grads[name].abs().max().clamp_min(1e-30)
-        miss = compare(grad / scale, their_grads[name] / scale, gold_grads[name] / scale, atol, rtol)
-        assert miss is None, f"{name} (divided by its largest magnitude {scale.item():.3g}): {miss}"
-    for suffix, count in attention_weights.items():
-        named = [n for n in grads if n.endswith(suffix)]
-        assert len(named) == count and all(grads[n].abs().sum() > 0 for n in named), (suffix, named)
 
 
 @pytest.fixture
@@ -109,7 +90,7 @@ def test_gemma4_local_and_global_layers_step(kernel, transformers, monkeypatch, 
     assert (local.mask, local.mask_per_head, local.causal) == ("bool", False, False)
     assert (full.mask, full.causal) == (("bool", False) if padded else (None, True))
     attention = {"q_proj.weight": LAYERS, "k_proj.weight": LAYERS, "v_proj.weight": LAYERS}
-    assert_same_step_as(ours, theirs, gold, dtype, attention)
+    assert_same_step(ours, theirs, gold, dtype, attention)
 
 
 # ---------------------------------------------------------------- DeepSeek-V3: value head dim 128
@@ -154,7 +135,7 @@ def test_deepseek_v3_mla_step(kernel, transformers, padding):
     # q_b_proj: the queries; kv_a_proj_with_mqa: the latent and the keys' shared rope part;
     # kv_b_proj: the rest of the keys and the values, from the latent
     attention = {"q_b_proj.weight": LAYERS, "kv_a_proj_with_mqa.weight": LAYERS, "kv_b_proj.weight": LAYERS}
-    assert_same_step_as(ours, theirs, gold, dtype, attention)
+    assert_same_step(ours, theirs, gold, dtype, attention)
 
 
 # ---------------------------------------------------------------- T5: the mask's gradient
@@ -207,7 +188,7 @@ def test_t5_relative_position_bias_step(kernel, transformers, padding):
     # the biases' gradients come only through the masks' gradients
     attention = {".q.weight": 3 * LAYERS, ".k.weight": 3 * LAYERS, ".v.weight": 3 * LAYERS}
     attention["relative_attention_bias.weight"] = 2  # the encoder's and the decoder's
-    assert_same_step_as(ours, theirs, gold, dtype, attention)
+    assert_same_step(ours, theirs, gold, dtype, attention)
 
 
 # ---------------------------------------------------------------- diffusers: the VAE decoder

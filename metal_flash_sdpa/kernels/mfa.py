@@ -228,10 +228,10 @@ class MFAKernel(Kernel):
             return f"a tensor of {elements} elements beyond the 32-bit offsets of {self.name}"
         if call.mask is not None and call.causal:  # PyTorch raises; the kernels apply one or the other
             return f"is_causal with attn_mask not supported by {self.name}"
+        if call.mask_grad and call.needs_grad and call.mask_lines:  # rows would add into one element at once
+            return f"attn_mask gradient of a mask broadcast over query rows or keys not supported by {self.name}"
         # the most a mask can span: per batch (and head) elements, whether or not it broadcasts
         mask_elements = call.batch * (call.q_heads if call.mask_per_head else 1) * call.q_len * call.kv_len
-        if call.mask_grad and call.needs_grad and call.mask_lines:
-            return f"attn_mask gradient of a mask broadcast over query rows or keys not supported by {self.name}"
         if call.mask is not None and mask_elements > MAX_ELEMENTS:
             return f"an attn_mask of up to {mask_elements} elements beyond the 32-bit offsets of {self.name}"
         if self.max_buffer_length is not None and smallest_slice_scratch(call) > self.max_buffer_length:
@@ -278,8 +278,8 @@ class MFAKernel(Kernel):
         tensors = (q, k, v, out.transpose(1, 2), lse, grad_out, dq, dk, dv)
         dmask = None
         if mask_grad:  # patch 0017: the kernels add into a zeroed gradient laid out as the mask
-            mask = compact(mask)
-            dmask = torch.zeros_like(mask[tuple(slice(0, 1) if s == 0 else slice(None) for s in mask.stride())])
+            mask, own = dense(mask)
+            dmask = torch.zeros_like(own)
         self._masked(native.attention_backward, tensors, scale, causal, mask, True, dropout, dmask)
         grads = dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
         return grads if dmask is None else (*grads, dmask)
@@ -319,19 +319,25 @@ def keys_contiguous(mask):
     size it has before broadcasting (over the other dims)."""
     if mask is None or mask.stride(-1) == 1 or mask.shape[-1] == 1:
         return mask
-    index = tuple(slice(0, 1) if stride == 0 else slice(None) for stride in mask.stride()[:-1])
-    return mask[index].contiguous().expand(mask.shape)
+    return _own(mask, keys=False).contiguous().expand(mask.shape)
 
 
-def compact(mask):
-    """``mask`` (the op layer's 4-D view, stride 0 where it broadcasts) read from a dense
-    tensor of its own size, copied there only if its memory has gaps: a mask's gradient is
-    laid out the same (zeros_like of that tensor), so that the kernels find each element of
-    the gradient at its mask element's place (patch 0017)."""
-    own = mask[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in mask.stride())]
-    if own.is_contiguous():
-        return mask
-    return own.contiguous().expand(mask.shape)
+def dense(mask):
+    """-> (``mask``, its own elements): the op layer's 4-D view (stride 0 where it
+    broadcasts) read from a dense tensor of its own size, copied there only if its memory has
+    gaps. A mask's gradient is laid out as that tensor (zeros_like), so the kernels find each
+    element of the gradient at its mask element's place (patch 0017)."""
+    own = _own(mask)
+    if not own.is_contiguous():
+        own = own.contiguous()
+        mask = own.expand(mask.shape)
+    return mask, own
+
+
+def _own(mask, keys=True):
+    """``mask`` without the repeats of its broadcast dims (the keys' kept unless ``keys``)."""
+    strides = mask.stride() if keys else mask.stride()[:-1]
+    return mask[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in strides)]
 
 
 def dropout_parameters(p: float, seed: int) -> tuple:
