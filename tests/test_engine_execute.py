@@ -270,10 +270,11 @@ def assert_failed(applies, code, result, stderr):
 # -- every construct the generator emits -----------------------------------------------------
 
 def test_every_emitted_construct_is_implemented_by_the_shim(metal):
-    # Each table row (which operands are cached, block shapes), dtype, family and macOS mode.
+    # Each table row (which operands are cached, block shapes), dtype, family and macOS mode;
+    # the 512 rows (patch 0016) have the 384 rows' blocks and caches, so their constructs.
     sources = {}
     for gpu, dims in ROW_DIMS.items():
-        for head_dim in dims:
+        for head_dim in (d for d in dims if d != 512):
             for dtype in ("fp32", "fp16"):
                 for macos in (15, 26):
                     call = encode.Call(dtype=dtype, q_len=33, kv_len=31, head_dim=head_dim, grad=True, gpu=gpu, macos=macos)

@@ -42,12 +42,10 @@ MATRIX = [
     DimCase("apple7", "bf16", 33, 40, 2, 2, head_dim=456, mask="additive", mask_shape="BHLS", macos=15),
     DimCase("apple9", "fp16", 17, 47, 4, 2, head_dim=456, mask="bool", batch=1, macos=15),  # GQA 2:1, async copies
     DimCase("apple7", "fp16", 40, 33, 2, 1, head_dim=512, causal=True, batch=1),  # MQA, causal, fewer keys
-    DimCase("apple9", "bf16", 33, 31, 1, 1, head_dim=512),
     # value head dims of their own: the narrower padded
     DimCase("apple9", "fp16", 33, 40, 4, 2, head_dim=192, value_dim=128, causal=True),  # MLA, GQA
     DimCase("apple7", "fp32", 33, 40, 2, 2, head_dim=128, value_dim=64, mask="additive", macos=15),
     DimCase("apple9", "bf16", 40, 33, 2, 1, head_dim=64, value_dim=128, mask="bool", mask_shape="BHLS"),  # wider V
-    DimCase("apple7", "fp16", 17, 40, 2, 2, head_dim=512, value_dim=136, batch=1),  # both: 512 and a narrow V
 ]
 
 
@@ -67,7 +65,7 @@ def test_kernels_match_float64_pytorch(engine, case):
 
 def test_a_value_dim_runs_the_kernels_of_the_wider_head_dim(engine):
     # What `source` prints for 192 / 128 is what 192 / 192 runs: the same kernels, padded operands.
-    mla, square = MATRIX[5].call(), dataclasses.replace(MATRIX[5].call(), value_dim=None)
+    mla, square = MATRIX[4].call(), dataclasses.replace(MATRIX[4].call(), value_dim=None)
     assert [k.source for k in encode.encode(mla).kernels()] == [k.source for k in encode.encode(square).kernels()]
     # and the bytes the executor compares are the call's own: out and dv at 128, dq and dk at 192
     inputs = execute.random_inputs(mla, seed=4)
