@@ -74,3 +74,21 @@ def test_a_kernel_that_stores_instead_of_adding_fails(engine):
     assert seen == {"attention_backward_key_value"}
     assert not result["ok"] and result["used"]["dmask"] > 1, result
     assert all(result["used"][name] <= 1 for name in ("out", "dq", "dk", "dv"))
+
+
+def test_nothing_of_size_l_x_s_beyond_the_gradient(engine):
+    # `plan`'s extra_bytes (ccv's scratch) are at most those of the same call without the
+    # gradient (its launches of one batch or group need less), and the only buffer added is
+    # the gradient, at the mask's own size: [L, S] for a mask shared by the batches and heads,
+    # not one per batch or head
+    import mfa_engine
+
+    for case in (MATRIX[1], MATRIX[4]):
+        with_grad = encode.encode(case.call())
+        without = encode.encode(dataclasses.replace(case.call(), mask_grad=False))
+        assert mfa_engine.plan(with_grad)["extra_bytes"] <= mfa_engine.plan(without)["extra_bytes"]
+        names = [{b["name"] for b in record.raw["buffers"]} for record in (with_grad, without)]
+        assert names[0] - names[1] == {"mask_grad"}
+        (length,) = [b["length"] for b in with_grad.raw["buffers"] if b["name"] == "mask_grad"]
+        bm, hm, rows, keys = case.call().mask_dims()
+        assert length == bm * hm * rows * keys * 2 and bm * hm == (1 if case.mask_shape == "LS" else case.batch)
