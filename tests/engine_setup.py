@@ -12,7 +12,8 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO / "tools"))
 
-from engine import build, encode  # noqa: E402
+from engine import build, encode, execute  # noqa: E402
+from metal_flash_sdpa import check  # noqa: E402
 
 _CALL_FIELDS = {field.name for field in dataclasses.fields(encode.Call)}
 
@@ -119,3 +120,28 @@ def precompile(calls) -> None:
         from engine import metal
 
         compile_all(metal, dict.fromkeys(kernel for call in calls for kernel in kernels_of(call)))
+
+
+def misses(call: encode.Call, inputs: dict, edit=None, against_pytorch: bool = False) -> dict:
+    """Output name -> what is wrong, for every output outside MFAKernel.tolerances of
+    float64 PyTorch (the LSE, the kernel's own statistic: outside execute.LSE_TOLERANCE of
+    masks.kernel_lse). ``against_pytorch``: an output beyond the tolerance still passes
+    when no further from float64 than twice PyTorch's own SDPA in the call's dtype
+    (check.compare, the rule of `python -m metal_flash_sdpa check`); only for inputs where
+    PyTorch's own result is sound (its float32 backward is not, in rows masked whole with
+    finfo(float32).min: its LSE rounds log(l) away)."""
+    execution, _ = execute.execute_call(call, inputs, edit=edit, check_refusal=False)
+    gold = execute.reference(call, inputs)
+    comparison = execute.compare(execution, gold, execute.tolerances(call))
+    theirs = execute.pytorch_result(call, inputs) if against_pytorch else {}
+    found = {}
+    for name, share in comparison.used.items():
+        if share <= 1:
+            continue
+        found[name] = f"{share:.3g} of the tolerance"
+        if name in theirs:
+            atol, rtol = comparison.tolerance[name]
+            miss = check.compare(execution.outputs[name].double(), theirs[name].double(), gold[name], atol, rtol)
+            if miss is None:
+                del found[name]
+    return found

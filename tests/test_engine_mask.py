@@ -25,7 +25,6 @@ import torch
 import engine_setup  # puts tools/ on sys.path
 
 from engine import encode, execute, masks, metal  # noqa: E402  (after engine_setup)
-from metal_flash_sdpa import check  # noqa: E402
 
 KERNELS = ("attention_forward", "attention_backward_query", "attention_backward_key_value")
 
@@ -68,38 +67,13 @@ def engine():
     engine_setup.precompile(case.call() for case in MATRIX)
 
 
-def misses(call: encode.Call, inputs: dict, edit=None, against_pytorch: bool = False) -> dict:
-    """Output name -> what is wrong, for every output outside MFAKernel.tolerances of
-    float64 PyTorch (the LSE, the kernel's own statistic: outside execute.LSE_TOLERANCE of
-    masks.kernel_lse). ``against_pytorch``: an output beyond the tolerance still passes
-    when no further from float64 than twice PyTorch's own SDPA in the call's dtype
-    (check.compare, the rule of `python -m metal_flash_sdpa check`); only for inputs where
-    PyTorch's own result is sound (its float32 backward is not, in rows masked whole with
-    finfo(float32).min: its LSE rounds log(l) away)."""
-    execution = execute.execute(encode.encode(call, check_refusal=False), inputs, edit=edit)
-    gold = execute.reference(call, inputs)
-    comparison = execute.compare(execution, gold, execute.tolerances(call))
-    theirs = execute.pytorch_result(call, inputs) if against_pytorch else {}
-    found = {}
-    for name, share in comparison.used.items():
-        if share <= 1:
-            continue
-        found[name] = f"{share:.3g} of the tolerance"
-        if name in theirs:
-            atol, rtol = comparison.tolerance[name]
-            miss = check.compare(execution.outputs[name].double(), theirs[name].double(), gold[name], atol, rtol)
-            if miss is None:
-                del found[name]
-    return found
-
-
 @pytest.mark.parametrize("case", MATRIX, ids=str)
 def test_mask_matches_float64_pytorch(engine, case):
     # float16 and bfloat16 by `check`'s rule: rows attending a few keys under sharp biases
     # do not average rounding away; there PyTorch's own result in the dtype was beyond the
     # tolerance too (1.73 of it in float16, where ours used 1.81).
     call = case.call()
-    assert misses(call, execute.random_inputs(call, seed=5), against_pytorch=call.dtype != "fp32") == {}
+    assert engine_setup.misses(call, execute.random_inputs(call, seed=5), against_pytorch=call.dtype != "fp32") == {}
 
 
 def with_finfo_min_rows(call, seed):
@@ -117,7 +91,7 @@ def test_float16_finfo_min_rows(engine):
     # from float64. Ours was 0.4 to 1.24 times PyTorch's own error (natural units, as torch).
     for case in (additive("apple7", "fp16", 130, 97, 4, 2, mask_shape="BHLS"), additive("apple9", "fp16", 33, 31, head_dim=32, mask_shape="LS")):
         call = case.call()
-        assert misses(call, with_finfo_min_rows(call, 6), against_pytorch=True) == {}, case
+        assert engine_setup.misses(call, with_finfo_min_rows(call, 6), against_pytorch=True) == {}, case
 
 
 def test_bfloat16_finfo_min_rows(engine):
@@ -125,7 +99,7 @@ def test_bfloat16_finfo_min_rows(engine):
     # bfloat16 tolerance of float64: PyTorch's own bfloat16 backward is no yardstick there.
     for case in (additive("apple9", "bf16", 130, 97, 4, 1), additive("apple7", "bf16", 97, 130, head_dim=32, mask_shape="BHLS")):
         call = case.call()
-        assert misses(call, with_finfo_min_rows(call, 6)) == {}, case
+        assert engine_setup.misses(call, with_finfo_min_rows(call, 6)) == {}, case
 
 
 def test_rows_without_keys_are_zero(engine):
@@ -256,7 +230,7 @@ def test_wrong_variant_fails(engine, name):
     seen = set()
     call = case.call()
     try:
-        found = misses(call, execute.random_inputs(call, seed=5), edit=engine_setup.mutated(edits, seen))
+        found = engine_setup.misses(call, execute.random_inputs(call, seed=5), edit=engine_setup.mutated(edits, seen))
     except (metal.MetalExecutionError, execute.ReplayError) as fault:  # e.g. a read past the mask
         found = {"fault": str(fault)}
     assert seen == {k for kernels, _, _ in edits for k in kernels}
@@ -269,5 +243,5 @@ def test_flushed_denormals_still_match(engine):
     seen = set()
     edit = engine_setup.mutated(((("attention_forward",), "numeric_limits<float>::denorm_min()", "0"),), seen)
     call = case.call()
-    assert misses(call, execute.random_inputs(call, seed=5), edit=edit) == {}
+    assert engine_setup.misses(call, execute.random_inputs(call, seed=5), edit=edit) == {}
     assert seen == {"attention_forward"}

@@ -7,7 +7,8 @@ launch per shared index (native/mfa_params.hpp, plan_slices). Each case runs
 `mfa_engine.py run --mask additive --mask-grad` in-process: the mask's gradient ("dmask")
 against float64 PyTorch autograd of the same mask, summed over what it broadcasts, within
 MFAKernel.tolerances, with out, LSE, dQ, dK, dV as always. Masks shared by everything
-([L, S]), per batch ([B, 1, L, S]), per head and batch ([B, H, L, S]); GQA, dropout, a
+([L, S]), per batch ([B, 1, L, S]), per head ([1, H, L, S], T5's) and per head and batch
+([B, H, L, S]); GQA, dropout, a
 sliced call; each dtype, both GPU families and copy modes. A kernel that stores instead of
 adding fails.
 """
@@ -39,6 +40,7 @@ MATRIX = [
     GradCase("apple7", "fp32", 31, 47, 2, 2, head_dim=40, mask_shape="LS", dropout=0.3),  # dropout's dS
     GradCase("apple9", "fp16", 33, 40, 4, 4, head_dim=64, mask_shape="B1LS", macos=15),  # shared by heads
     GradCase("apple9", "fp32", 33, 40, 2, 2, head_dim=32, scratch_budget=6000),  # sliced by heads anyway
+    GradCase("apple7", "bf16", 40, 33, 4, 2, head_dim=32, mask_shape="1HLS"),  # T5's bias: shared by the batches
 ]
 
 
@@ -49,9 +51,13 @@ def engine():
 
 @pytest.mark.parametrize("case", MATRIX, ids=lambda case: f"{case}-p{case.dropout}")
 def test_mask_gradient_matches_float64_autograd(engine, case):
-    result = execute.run(case.call(dropout_seed=7), seed=5)
-    assert result["ok"], result
-    assert set(result["used"]) == {"out", "lse", "dq", "dk", "dv", "dmask"}
+    # float16 and bfloat16 by `check`'s rule, as tests/test_engine_mask.py: a gradient shared
+    # by n batches or heads is rounded n times as it is added up (PyTorch's once), and the
+    # bfloat16 [1, H, L, S] case used 1.04 of the tolerance, twice PyTorch's own error
+    call = case.call(dropout_seed=7)
+    inputs = execute.random_inputs(call, seed=5)
+    assert engine_setup.misses(call, inputs, against_pytorch=call.dtype != "fp32" and not call.dropout) == {}
+    assert set(execute.output_names(call)) == {"out", "lse", "dq", "dk", "dv", "dmask"}
 
 
 def test_launches_never_add_to_one_element_twice(engine):
@@ -64,6 +70,7 @@ def test_launches_never_add_to_one_element_twice(engine):
     assert backward_launches(MATRIX[0]) == 1
     assert backward_launches(MATRIX[1]) == MATRIX[1].batch * MATRIX[1].kv_heads  # [L, S]: shared by both
     assert backward_launches(MATRIX[4]) == MATRIX[4].batch * MATRIX[4].kv_heads
+    assert backward_launches(MATRIX[6]) == MATRIX[6].batch  # [1, H, L, S]: all heads at once
 
 
 def test_a_kernel_that_stores_instead_of_adding_fails(engine):

@@ -3,7 +3,7 @@
 
   python tools/mfa_engine.py source --dtype {fp32,fp16,bf16} --batch B --heads H
       --kv-heads HK --q-len R --kv-len C --head-dim D [--causal] [--mask {none,bool,additive}]
-      [--mask-shape {LS,B1LS,BHLS,B11S}] [--mask-pattern P] [--grad [--mask-grad]] [--gpu {apple7,apple9}]
+      [--mask-shape {LS,B1LS,BHLS,B11S,1HLS}] [--mask-pattern P] [--grad [--mask-grad]] [--gpu {apple7,apple9}]
       [--macos N] [--os-reports V] [--scale S] [--dropout P [--dropout-seed S]] [--value-dim DV]
 
 prints the Metal source of every kernel the call launches (forward; with --grad the backward
@@ -45,8 +45,8 @@ and keeps per mask. Exit codes as `source`.
 
 --mask runs with an attn_mask (tools/engine/masks.py: padding, rows without keys, per-head
 holes; additive: ALiBi-like biases, rows masked with -inf and with finfo.min) shaped
---mask-shape: [R, C], [B, 1, R, C] (default), [B, H, R, C], or [B, 1, 1, C] broadcast over
-the rows, read in place through its strides as the bridge hands it over; --mask-pattern P
+--mask-shape: [R, C], [B, 1, R, C] (default), [B, H, R, C], [B, 1, 1, C] broadcast over
+the rows, or [1, H, R, C] (T5's bias), read in place through its strides as the bridge hands it over; --mask-pattern P
 runs the mask models pass instead (masks.pattern: causal, causal-padding, window:W,
 docs:N, keypad:F, random), in that pattern's shape. --dropout P drops (patch 0015) with
 metal_flash_sdpa.dropout's keep decisions for the seed --dropout-seed; `run`'s reference

@@ -19,7 +19,7 @@ _BUFFER = re.compile(r"\[\[buffer\((\d+)\)\]\]")
 # byte an element, patch 0012) or additive in q's dtype, [Bm, Hm, R, C] (Bm in (1, B), Hm
 # in (1, Hq)), stored compact and read
 # through strides that are 0 where the shape broadcasts (no broadcast materialised).
-MASK_SHAPES = ("LS", "B1LS", "BHLS", "B11S")  # [R, C], [B, 1, R, C], [B, Hq, R, C], [B, 1, 1, C]
+MASK_SHAPES = ("LS", "B1LS", "BHLS", "B11S", "1HLS")  # [R, C], [B, 1, R, C], [B, Hq, R, C], [B, 1, 1, C], [1, Hq, R, C]
 
 # The stand-in device's maxBufferLength (recorder.hpp, DeviceModel::max_buffer_length).
 MAX_BUFFER_LENGTH = 1 << 34
@@ -103,7 +103,7 @@ class Call:
         """The stored (compact) mask's shape, [Bm, Hm, Rm, C]."""
         b, h, r, c = self.batch, self.heads, self.q_len, self.kv_len
         shape = self.mask_shape if self.mask_pattern is None else pattern_shape(self.mask_pattern)
-        return {"LS": (1, 1, r, c), "B1LS": (b, 1, r, c), "BHLS": (b, h, r, c), "B11S": (b, 1, 1, c)}[shape]
+        return {"LS": (1, 1, r, c), "B1LS": (b, 1, r, c), "BHLS": (b, h, r, c), "B11S": (b, 1, 1, c), "1HLS": (1, h, r, c)}[shape]
 
     def mask_strides(self) -> tuple:
         """(batch, head, row) strides in elements of the mask as the kernel reads it."""

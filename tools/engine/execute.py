@@ -471,13 +471,19 @@ def pytorch_result(call: encode.Call, inputs: dict, scale: Optional[float] = Non
 
     scale = default_scale(call) if scale is None else scale
     q, k, v = (inputs[n].transpose(1, 2).requires_grad_(call.grad) for n in ("q", "k", "v"))
+    mask = inputs.get("mask")
+    if call.mask_grad:
+        mask = mask.clone().requires_grad_()
     out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=inputs.get("mask"), is_causal=call.causal, scale=scale, enable_gqa=call.hk != call.heads
+        q, k, v, attn_mask=mask, is_causal=call.causal, scale=scale, enable_gqa=call.hk != call.heads
     )
     result = {"out": out.detach().transpose(1, 2)}
     if call.grad:
-        dq, dk, dv = torch.autograd.grad(out, (q, k, v), inputs["do"].transpose(1, 2))
-        result.update(dq=dq.transpose(1, 2), dk=dk.transpose(1, 2), dv=dv.transpose(1, 2))
+        primals = (q, k, v, mask) if call.mask_grad else (q, k, v)
+        grads = torch.autograd.grad(out, primals, inputs["do"].transpose(1, 2))
+        result.update(dq=grads[0].transpose(1, 2), dk=grads[1].transpose(1, 2), dv=grads[2].transpose(1, 2))
+        if call.mask_grad:
+            result["dmask"] = grads[3]
     return result
 
 
@@ -541,10 +547,8 @@ def run(
     result as `python tools/mfa_engine.py run` prints it. Raises encode.Refused.
     ``check_refusal=False`` skips MFAKernel.supports() (kernels verified before declared)."""
     started = time.perf_counter()
-    record = encode.encode(call, "--offset", str(offset), check_refusal=check_refusal)
     inputs = random_inputs(call, seed)
-    execution = execute(record, kernel_inputs(call, inputs), offset=offset, schedule=schedule, edit=edit)
-    execution.outputs = user_outputs(call, execution.outputs)
+    execution, record = execute_call(call, inputs, offset, schedule, edit, check_refusal)
     comparison = compare(execution, reference(call, inputs), tolerances(call))
     return {
         "ok": comparison.ok,
@@ -558,6 +562,18 @@ def run(
         "float_exceptions": execution.float_exceptions,
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def execute_call(
+    call: encode.Call, inputs: dict, offset: int = 0, schedule: str = "round_robin", edit=None, check_refusal: bool = True
+) -> tuple:
+    """-> (Execution, Record): ``call`` encoded and executed on ``inputs`` (random_inputs'
+    form) handed over as MFAKernel hands them (kernel_inputs), its outputs as MFAKernel
+    returns them (user_outputs)."""
+    record = encode.encode(call, "--offset", str(offset), check_refusal=check_refusal)
+    execution = execute(record, kernel_inputs(call, inputs), offset=offset, schedule=schedule, edit=edit)
+    execution.outputs = user_outputs(call, execution.outputs)
+    return execution, record
 
 
 def mask_tile_reads(record: encode.Record) -> int:
