@@ -382,8 +382,6 @@ std::vector<int64_t> mask_tiles_bytes(const at::Tensor& q, const at::Tensor& k, 
 // the caller had written from this mask unchanged.
 // dropout: (threshold, scale, seed) as metal_flash_sdpa.kernels.mfa.dropout_parameters
 // computes them (patch 0015), or None.
-// mask_grad (the backward's, with an additive mask): the mask's gradient, added into
-// (patch 0017): zeroed by the caller, of the mask's dtype and strides (a broadcast view).
 void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const at::Tensor& out, const at::Tensor& lse, double scale, bool causal,
                        const std::optional<at::Tensor>& mask, const std::vector<at::Tensor>& mask_tiles,
@@ -412,6 +410,8 @@ void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 // them. Nothing here depends on the forward call beyond those tensors and `scale`: the
 // params come from the same make_params (fp32 LSE, log2 domain, for both), the context's
 // settings are process-wide, and a pipeline eviction between the two drops no data.
+// mask_grad (with an additive mask): the mask's gradient, which the kernels add into (patch
+// 0017): zeroed by the caller, of the mask's dtype, shape and strides (a broadcast view).
 void attention_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const at::Tensor& out, const at::Tensor& lse, const at::Tensor& grad_out,
                         const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, double scale,
@@ -423,7 +423,8 @@ void attention_backward(const at::Tensor& q, const at::Tensor& k, const at::Tens
   if (mask_grad) {
     TORCH_CHECK(mask && !strides->is_bool, "metal_flash_sdpa: a mask gradient needs an additive mask");
     check_tensor(*mask_grad, "mask_grad", q, q.scalar_type());
-    TORCH_CHECK(mask_grad->sizes() == mask->sizes() && mask_grad->strides() == mask->strides() && strides->row != 0,
+    TORCH_CHECK(mask_grad->sizes() == mask->sizes() && mask_grad->strides() == mask->strides() &&
+                    (strides->row != 0 || s.R == 1),
                 "metal_flash_sdpa: mask_grad must have the mask's shape and strides, a row per query");
     strides->grad = true;
   }
