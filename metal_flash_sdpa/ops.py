@@ -88,15 +88,17 @@ def kernel_failed(kernel, error, stage, q, k, v, mask, causal, needs_grad, scale
     ``fallback_counts()`` adds its configurations up.
 
     ``q``, ``k``, ``v``, ``mask``, ``scale``: the user's call or the op's 4-D one (same configuration).
-    A forward failure blocks the configuration with and without grad (the forward is the
-    same kernel either way); a backward failure only with grad. The first failure of a
+    A forward failure blocks the configuration with and without grad and the mask's gradient
+    (the forward is the same kernel either way); a backward failure only with grad, and with
+    the mask's gradient or without it as it failed (other kernels). The first failure of a
     configuration gives one warning line naming the kernel, the configuration and the error.
     """
     checked = isinstance(error, trust.SelfCheckFailed)
     reason = error.reason if checked else f"kernel {kernel.name} failed for this configuration"
     call = _call(q, k, v, mask, causal, needs_grad, scale, dropout_p)
     key = rules.configuration(kernel.name, q.device.type, call)
-    keys = [key] if stage == "backward" else [key[:-1] + (False,), key[:-1] + (True,)]
+    # (mask_grad, needs_grad) last: the mask's gradient is asked for only with grad
+    keys = [key] if stage == "backward" else [key[:-2] + last for last in ((False, False), (False, True), (True, True))]
     with _failed_lock:
         new = [c for c in keys if c not in _failed]
         _failed.update(dict.fromkeys(new, reason))

@@ -220,20 +220,20 @@ def configuration(kernel_name: str, device_type: str, call: Call) -> tuple:
     ``kernel_name`` on ``device_type``. The mask counts by presence and head shape, not by
     kind: the op layer hands every kernel an additive mask, so a bool and an additive mask
     run the same kernel (and the op layer, seeing only the converted mask, finds the same key).
-    The scale counts resolved (a kernel may compile it in, as MFA does). ``needs_grad``
-    comes last (a forward failure blocks both values)."""
-    dtype, _, q_heads, kv_heads, _, _, head_dim, value_dim, causal, mask, per_head, needs_grad, _, dropout_p, *_ = call
+    The scale counts resolved (a kernel may compile it in, as MFA does). ``mask_grad`` and
+    ``needs_grad`` come last (a forward failure blocks every value of both: ops.kernel_failed)."""
+    dtype, _, q_heads, kv_heads, _, _, head_dim, value_dim, causal, mask, per_head, needs_grad, _, dropout_p, mask_grad, _ = call
     masked, dropout, scale = mask is not None, dropout_p > 0, call.softmax_scale
     return (
         kernel_name, device_type, dtype, head_dim, value_dim, q_heads, kv_heads, scale, causal, masked, per_head,
-        dropout, needs_grad,
+        dropout, mask_grad, needs_grad,
     )
 
 
 # names of configuration()'s fields, for messages
 CONFIGURATION_FIELDS = (
     "kernel", "device", "dtype", "head_dim", "value_dim", "q_heads", "kv_heads",
-    "scale", "causal", "masked", "mask_per_head", "dropout", "needs_grad",
+    "scale", "causal", "masked", "mask_per_head", "dropout", "mask_grad", "needs_grad",
 )
 
 

@@ -211,6 +211,49 @@ def test_backward_failure_recomputes_gradients_with_pytorch(serve, warned, case)
     assert len(warned()) == 1
 
 
+class FlakyMaskGrad(Flaky):
+    """Serves the mask's gradient, and raises in a backward asked for it: the kernels that
+    add it are others (MFA's patch 0017), which can fail alone."""
+
+    supports_mask_grad = True
+
+    def backward(self, grad_out, q, k, v, out, lse, scale, causal, mask, mask_grad=False):
+        self.calls["backward"] += 1
+        if mask_grad:
+            raise RuntimeError(ERROR)
+        return metal_flash_sdpa.ReferenceKernel.backward(self, grad_out, q, k, v, out, lse, scale, causal, mask)
+
+
+def test_a_mask_gradient_failure_blocks_only_the_calls_that_ask_for_it(serve, warned):
+    kernel = serve(FlakyMaskGrad("none"))
+    q, k, v = qkv()
+    bias = torch.randn(1, 2, 40, 40)
+    learned = bias.clone().requires_grad_()
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=learned)
+    out.sum().backward()  # the kernel raised: PyTorch's gradients, the mask's included
+    expected = torch.autograd.grad(pytorch_sdpa(q, k, v, attn_mask=learned).sum(), learned)[0]
+    torch.testing.assert_close(learned.grad, expected)
+    assert "kernel flaky failed in backward" in warned()[0]
+    assert metal_flash_sdpa.explain(q, k, v, attn_mask=learned) == REASON
+
+    # the same mask not learned: its backward is the kernel's still
+    assert metal_flash_sdpa.explain(q, k, v, attn_mask=bias) is None
+    F.scaled_dot_product_attention(q, k, v, attn_mask=bias).sum().backward()
+    assert kernel.calls == {"forward": 2, "backward": 2}
+    assert metal_flash_sdpa.get_dispatch_count() == 2
+
+
+def test_a_forward_failure_blocks_the_learned_mask_calls_too(serve, warned):
+    kernel = serve(FlakyMaskGrad("forward"))
+    q, k, v = qkv()
+    bias = torch.randn(1, 2, 40, 40)
+    with torch.no_grad():
+        F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    for mask in (bias, bias.clone().requires_grad_()):  # with grad, without and with the mask's
+        assert metal_flash_sdpa.explain(q, k, v, attn_mask=mask) == REASON
+    assert kernel.calls["forward"] == 1 and len(warned()) == 1
+
+
 def test_backward_uses_the_kernel_that_ran_the_forward(serve, warned):
     first = serve(Flaky("none"))
     q, k, v = qkv()
