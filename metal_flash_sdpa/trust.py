@@ -260,7 +260,7 @@ def _canary(key, q_len, kv_len):
 
     kernel, device, *_, scale, causal, mask_kind, dropped = key
     cpu = canary_inputs(key, q_len, kv_len)
-    mask_grad = MASK_KINDS[mask_kind].endswith("grad") and cpu[4] is not None
+    mask_grad = MASK_KINDS[mask_kind].endswith("grad")  # a backward's variant only
     q, k, v, mask, grad_out = (None if t is None else t.to(device) for t in cpu)
     layout = kernel.layout
     # A dropout variant drops with a fixed p and seed; PyTorch takes the same decisions.
@@ -285,9 +285,9 @@ def _canary(key, q_len, kv_len):
 
 def _math_sdpa(q, k, v, mask, scale, causal, grad_out, dropout=None, mask_grad=False):
     """PyTorch's math SDPA: [out] or [out, dq, dk, dv] for ``grad_out`` (and dmask with
-    ``mask_grad``); ``dropout``: (p, the keep mask). Its aten op itself, not sdpa_kernel(MATH): that flips process-wide
-    backend flags, and calls in other threads would then fall back (rules.BACKENDS) while a
-    self-check runs."""
+    ``mask_grad``); ``dropout``: (p, the keep mask). Its aten op itself, not
+    sdpa_kernel(MATH): that flips process-wide backend flags, and calls in other threads
+    would then fall back (rules.BACKENDS) while a self-check runs."""
     from . import ops
 
     p, keep = dropout or (0.0, None)

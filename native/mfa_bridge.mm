@@ -364,7 +364,7 @@ std::vector<int64_t> mask_tiles_bytes(const at::Tensor& q, const at::Tensor& k, 
                                       const std::optional<DropoutArgument>& dropout, bool mask_grad) {
   std::optional<mfa_sdpa::MaskStrides> strides;
   const mfa_sdpa::Shape s = check_qkv(q, k, v, backward, mask, strides);
-  strides->grad = mask_grad && backward;  // the kernels the call runs
+  strides->grad = mask_grad;  // the kernels the call runs (a backward's: make_params)
   const mfa_sdpa::DType dtype = dtype_of(q.scalar_type());
   const std::optional<mfa_sdpa::Dropout> drop = dropout_of(dropout);
   std::lock_guard<std::mutex> lock(g_mutex);

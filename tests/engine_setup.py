@@ -123,14 +123,20 @@ def precompile(calls) -> None:
 
 
 def misses(call: encode.Call, inputs: dict, edit=None, against_pytorch: bool = False) -> dict:
-    """Output name -> what is wrong, for every output outside MFAKernel.tolerances of
-    float64 PyTorch (the LSE, the kernel's own statistic: outside execute.LSE_TOLERANCE of
-    masks.kernel_lse). ``against_pytorch``: an output beyond the tolerance still passes
-    when no further from float64 than twice PyTorch's own SDPA in the call's dtype
-    (check.compare, the rule of `python -m metal_flash_sdpa check`); only for inputs where
-    PyTorch's own result is sound (its float32 backward is not, in rows masked whole with
-    finfo(float32).min: its LSE rounds log(l) away)."""
+    """``misses_of`` the execution of ``call`` on ``inputs`` (its kernels' sources edited by
+    ``edit``), MFAKernel.supports() not asked."""
     execution, _ = execute.execute_call(call, inputs, edit=edit, check_refusal=False)
+    return misses_of(execution, call, inputs, against_pytorch)
+
+
+def misses_of(execution, call: encode.Call, inputs: dict, against_pytorch: bool = False) -> dict:
+    """Output name -> what is wrong, for every output of ``execution`` outside
+    MFAKernel.tolerances of float64 PyTorch (the LSE, the kernel's own statistic: outside
+    execute.LSE_TOLERANCE of masks.kernel_lse). ``against_pytorch``: an output beyond the
+    tolerance still passes when no further from float64 than twice PyTorch's own SDPA in the
+    call's dtype (check.compare, the rule of `python -m metal_flash_sdpa check`); only for
+    inputs where PyTorch's own result is sound (its float32 backward is not, in rows masked
+    whole with finfo(float32).min: its LSE rounds log(l) away)."""
     gold = execute.reference(call, inputs)
     comparison = execute.compare(execution, gold, execute.tolerances(call))
     theirs = execute.pytorch_result(call, inputs) if against_pytorch else {}

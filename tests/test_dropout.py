@@ -372,4 +372,3 @@ def test_mfa_hands_ccv_the_threshold_scale_and_seed(recorded_mfa):
     expected = (dropout.threshold(0.1), torch.tensor(1 / 0.9, dtype=torch.float32).item(), 2**64 - 5)
     assert recorded_mfa.bridge.dropouts == [expected, expected, None]
     assert recorded_mfa.bridge.sized == [expected, None]  # each pass sizes its summaries with its own kernels
-

@@ -23,7 +23,6 @@ import engine_setup
 from engine_setup import engine_required  # puts tools/ on sys.path
 
 from engine import build, encode, execute  # noqa: E402  (after engine_setup)
-from metal_flash_sdpa import check  # noqa: E402
 
 CLI = engine_setup.REPO / "tools" / "mfa_engine.py"
 # What makes an infinity from finite operands (the inputs and every constant are finite;
@@ -74,26 +73,13 @@ def engine():
     engine_setup.compile_all(metal, kernels)
 
 
-def misses(execution, call, inputs) -> dict:
-    """Outputs beyond MFAKernel.tolerances of float64 PyTorch and further from it than
-    twice PyTorch's own SDPA in the dtype (check's rule: a sharper softmax, scale 4, makes
-    both less exact); the LSE within execute.LSE_TOLERANCE."""
-    gold = execute.reference(call, inputs)
-    comparison = execute.compare(execution, gold, execute.tolerances(call))
-    theirs = execute.pytorch_result(call, inputs)
-    found = {}
-    for name, share in comparison.used.items():
-        if share > 1:
-            atol, rtol = comparison.tolerance[name]
-            if name not in theirs or check.compare(execution.outputs[name].double(), theirs[name].double(), gold[name], atol, rtol):
-                found[name] = f"{share:.3g} of the tolerance"
-    return found
-
-
 def run(call, edit=None):
+    """-> (the execution, its outputs beyond MFAKernel.tolerances of float64 PyTorch and
+    further from it than twice PyTorch's own SDPA in the dtype: check's rule, as a sharper
+    softmax, scale 4, makes both less exact; the LSE within execute.LSE_TOLERANCE)."""
     inputs = execute.random_inputs(call, seed=3)
-    execution = execute.execute(encode.encode(call), inputs, edit=edit)
-    return execution, misses(execution, call, inputs)
+    execution, _ = execute.execute_call(call, inputs, edit=edit)
+    return execution, engine_setup.misses_of(execution, call, inputs, against_pytorch=True)
 
 
 @pytest.mark.parametrize("case", MATRIX, ids=str)

@@ -97,8 +97,6 @@ class MFACapabilityKernel(ReferenceKernel, MFAKernel):
         )
 
 
-
-
 def mfa_verdict(call):
     """What the real MFAKernel answers for ``call``, worded with this kernel's name."""
     mirror = MFAKernel()

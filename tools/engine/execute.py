@@ -450,16 +450,25 @@ def reference(call: encode.Call, inputs: dict, scale: Optional[float] = None) ->
         dots = (q.abs() @ keys.abs().transpose(-1, -2)) * abs(scale) / math.log(2)
     result = {"out": out.detach().transpose(1, 2), "lse": lse, "lse_magnitude": dots.amax(dim=-1)}
     if call.grad:
-        primals = (q, k, v, mask) if call.mask_grad else (q, k, v)
-        grads = torch.autograd.grad(out, primals, inputs["do"].double().transpose(1, 2))
-        result.update(dq=grads[0].transpose(1, 2), dk=grads[1].transpose(1, 2), dv=grads[2].transpose(1, 2))
+        result.update(_gradients(call, out, q, k, v, mask, inputs["do"].double()))
         if call.mask_grad:  # the mask's own shape: summed over what it broadcasts
-            shape = call.mask_dims()
-            result["dmask"] = grads[3].sum_to_size(shape)
+            per_head, shape = result["dmask"], call.mask_dims()
+            result["dmask"] = per_head.sum_to_size(shape)
             # the kernels add the terms one by one in the mask's dtype: a sum of n rounds n
-            # times, each within the dtype's precision of its partial sum, which the sum of the
-            # terms' magnitudes bounds (compare: a `_magnitude` scales rtol)
-            result["dmask_magnitude"] = grads[3].abs().sum_to_size(shape)
+            # times, each within the dtype's precision of its partial sum, which the sum of
+            # the terms' magnitudes bounds (compare: a `_magnitude` scales rtol)
+            result["dmask_magnitude"] = per_head.abs().sum_to_size(shape)
+    return result
+
+
+def _gradients(call: encode.Call, out, q, k, v, mask, grad_out) -> dict:
+    """dq, dk, dv [B, S, H, D] of ``out`` for ``grad_out`` ([B, S, H, Dv]) by autograd, and
+    with the call's mask gradient "dmask", the gradient of ``mask`` as it is given."""
+    primals = (q, k, v, mask) if call.mask_grad else (q, k, v)
+    grads = torch.autograd.grad(out, primals, grad_out.transpose(1, 2))
+    result = {name: grad.transpose(1, 2) for name, grad in zip(("dq", "dk", "dv"), grads)}
+    if call.mask_grad:
+        result["dmask"] = grads[3]
     return result
 
 
@@ -479,11 +488,7 @@ def pytorch_result(call: encode.Call, inputs: dict, scale: Optional[float] = Non
     )
     result = {"out": out.detach().transpose(1, 2)}
     if call.grad:
-        primals = (q, k, v, mask) if call.mask_grad else (q, k, v)
-        grads = torch.autograd.grad(out, primals, inputs["do"].transpose(1, 2))
-        result.update(dq=grads[0].transpose(1, 2), dk=grads[1].transpose(1, 2), dv=grads[2].transpose(1, 2))
-        if call.mask_grad:
-            result["dmask"] = grads[3]
+        result.update(_gradients(call, out, q, k, v, mask, inputs["do"]))
     return result
 
 
